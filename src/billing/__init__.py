@@ -1,0 +1,1 @@
+"""Stripe listener: turns Stripe events into AddCredits calls over gRPC. Not built yet."""

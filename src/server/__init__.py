@@ -1,0 +1,1 @@
+"""The gRPC server: translates protobuf <-> ledger calls <-> gRPC status, and runs the sweepers."""

@@ -1,0 +1,259 @@
+"""protobuf <-> ledger values. Pure translation: every rule lives in the store."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from credits.v1 import credits_pb2 as pb
+from store import limits
+from store.errors import FieldViolation, InvalidRequest
+from store.model import (
+    AccountStatus,
+    AddCreditsCommand,
+    Balance,
+    CommitCommand,
+    EntryKind,
+    Grant,
+    GrantSource,
+    HistoryPage,
+    HistoryQuery,
+    JournalEntry,
+    ReleaseCommand,
+    Reservation,
+    ReservationStatus,
+    ReserveCommand,
+)
+
+# google.protobuf.Timestamp's own valid range: 0001-01-01 .. 9999-12-31.
+_TIMESTAMP_SECONDS_MIN = -62_135_596_800
+_TIMESTAMP_SECONDS_MAX = 253_402_300_799
+
+SOURCE_FROM_PB = {
+    pb.GRANT_SOURCE_PURCHASE: GrantSource.PURCHASE,
+    pb.GRANT_SOURCE_SUBSCRIPTION: GrantSource.SUBSCRIPTION,
+    pb.GRANT_SOURCE_PROMOTION: GrantSource.PROMOTION,
+    pb.GRANT_SOURCE_SIGNUP: GrantSource.SIGNUP,
+    pb.GRANT_SOURCE_REFERRAL: GrantSource.REFERRAL,
+    pb.GRANT_SOURCE_REFUND: GrantSource.REFUND,
+    pb.GRANT_SOURCE_ADMIN: GrantSource.ADMIN,
+    pb.GRANT_SOURCE_TRANSFER: GrantSource.TRANSFER,
+}
+SOURCE_TO_PB = {v: k for k, v in SOURCE_FROM_PB.items()}
+KIND_FROM_PB = {
+    pb.ENTRY_KIND_GRANT: EntryKind.GRANT,
+    pb.ENTRY_KIND_RESERVE: EntryKind.RESERVE,
+    pb.ENTRY_KIND_COMMIT: EntryKind.COMMIT,
+    pb.ENTRY_KIND_RELEASE: EntryKind.RELEASE,
+    pb.ENTRY_KIND_HOLD_EXPIRY: EntryKind.HOLD_EXPIRY,
+    pb.ENTRY_KIND_GRANT_EXPIRY: EntryKind.GRANT_EXPIRY,
+}
+KIND_TO_PB = {v: k for k, v in KIND_FROM_PB.items()}
+STATUS_TO_PB = {
+    ReservationStatus.PENDING: pb.RESERVATION_STATUS_PENDING,
+    ReservationStatus.COMMITTED: pb.RESERVATION_STATUS_COMMITTED,
+    ReservationStatus.RELEASED: pb.RESERVATION_STATUS_RELEASED,
+    ReservationStatus.EXPIRED: pb.RESERVATION_STATUS_EXPIRED,
+}
+ACCOUNT_STATUS_TO_PB = {
+    AccountStatus.ACTIVE: pb.ACCOUNT_STATUS_ACTIVE,
+    AccountStatus.LOCKED: pb.ACCOUNT_STATUS_LOCKED,
+}
+
+
+def credit_type(value: str) -> str:
+    return value or limits.CREDIT_TYPE_DEFAULT
+
+
+def timestamp(us: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+def optional_us(
+    message: object, field: str, ts: Timestamp, problems: list[FieldViolation]
+) -> int | None:
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    if not (
+        _TIMESTAMP_SECONDS_MIN <= ts.seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= ts.nanos < 10**9
+    ):
+        problems.append(FieldViolation(field, "is not a valid timestamp (0001-01-01..9999-12-31)"))
+        return None
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def _raise(problems: list[FieldViolation]) -> None:
+    if problems:
+        raise InvalidRequest(problems)
+
+
+def add_credits_command(request: pb.AddCreditsRequest) -> AddCreditsCommand:
+    problems: list[FieldViolation] = []
+    source = SOURCE_FROM_PB.get(request.source)
+    if source is None:
+        problems.append(
+            FieldViolation(
+                "source",
+                "is required: one of GRANT_SOURCE_PURCHASE, _SUBSCRIPTION, _PROMOTION, "
+                "_SIGNUP, _REFERRAL, _REFUND, _ADMIN, _TRANSFER",
+            )
+        )
+    effective_at_us = optional_us(request, "effective_at", request.effective_at, problems)
+    expires_at_us = optional_us(request, "expires_at", request.expires_at, problems)
+    _raise(problems)
+    assert source is not None
+    return AddCreditsCommand(
+        account_id=request.account_id,
+        credit_type=credit_type(request.credit_type),
+        amount=request.amount,
+        idempotency_key=request.idempotency_key,
+        source=source,
+        priority=request.priority if request.HasField("priority") else None,
+        effective_at_us=effective_at_us,
+        expires_at_us=expires_at_us,
+        external_ref=request.external_ref,
+        metadata=dict(request.metadata),
+    )
+
+
+def reserve_command(request: pb.ReserveRequest) -> ReserveCommand:
+    return ReserveCommand(
+        account_id=request.account_id,
+        credit_type=credit_type(request.credit_type),
+        amount=request.amount,
+        idempotency_key=request.idempotency_key,
+        ttl_seconds=request.ttl_seconds,
+        metadata=dict(request.metadata),
+    )
+
+
+def commit_command(request: pb.CommitRequest) -> CommitCommand:
+    return CommitCommand(
+        account_id=request.account_id,
+        reservation_id=request.reservation_id,
+        amount=request.amount if request.HasField("amount") else None,
+    )
+
+
+def release_command(request: pb.ReleaseRequest) -> ReleaseCommand:
+    return ReleaseCommand(account_id=request.account_id, reservation_id=request.reservation_id)
+
+
+def history_query(request: pb.HistoryRequest) -> HistoryQuery:
+    problems: list[FieldViolation] = []
+    kinds = []
+    for kind in request.kinds:
+        known = KIND_FROM_PB.get(kind)
+        if known is None:
+            problems.append(FieldViolation("kinds", f"{kind} is not a known EntryKind"))
+        else:
+            kinds.append(known)
+    start_us = optional_us(request, "start_time", request.start_time, problems)
+    end_us = optional_us(request, "end_time", request.end_time, problems)
+    _raise(problems)
+    return HistoryQuery(
+        account_id=request.account_id,
+        credit_type=request.credit_type,
+        kinds=tuple(kinds),
+        start_us=start_us,
+        end_us=end_us,
+        reservation_id=request.reservation_id,
+        action=request.action,
+        page_size=request.page_size,
+        page_token=request.page_token,
+    )
+
+
+def check_response(balance: Balance, amount: int) -> pb.CheckCreditsResponse:
+    return pb.CheckCreditsResponse(
+        allowed=balance.available >= amount and balance.account_status is AccountStatus.ACTIVE,
+        available=balance.available,
+        reserved=balance.reserved,
+        balance=balance.balance,
+        shortfall=max(0, amount - balance.available),
+        account_status=ACCOUNT_STATUS_TO_PB[balance.account_status],
+        as_of=timestamp(balance.as_of_us),
+    )
+
+
+def grant_message(grant: Grant) -> pb.Grant:
+    message = pb.Grant(
+        grant_id=grant.grant_id,
+        account_id=grant.account_id,
+        credit_type=grant.credit_type,
+        amount=grant.amount,
+        remaining=grant.remaining,
+        held=grant.held,
+        consumed=grant.consumed,
+        expired=grant.expired,
+        source=SOURCE_TO_PB[grant.source],
+        priority=grant.priority,
+        effective_at=timestamp(grant.effective_at_us),
+        external_ref=grant.external_ref,
+        metadata=dict(grant.metadata),
+        created_at=timestamp(grant.created_at_us),
+    )
+    if grant.expires_at_us is not None:
+        message.expires_at.CopyFrom(timestamp(grant.expires_at_us))
+    return message
+
+
+def reservation_message(reservation: Reservation) -> pb.Reservation:
+    message = pb.Reservation(
+        reservation_id=reservation.reservation_id,
+        account_id=reservation.account_id,
+        credit_type=reservation.credit_type,
+        amount=reservation.amount,
+        status=STATUS_TO_PB[reservation.status],
+        created_at=timestamp(reservation.created_at_us),
+        expires_at=timestamp(reservation.expires_at_us),
+        amount_committed=reservation.amount_committed,
+        amount_released=reservation.amount_released,
+        amount_expired=reservation.amount_expired,
+        action=reservation.action,
+        request_id=reservation.request_id,
+        metadata=dict(reservation.metadata),
+        slices=[
+            pb.ReservationSlice(grant_id=s.grant_id, amount=s.amount) for s in reservation.slices
+        ],
+    )
+    if reservation.resolved_at_us is not None:
+        message.resolved_at.CopyFrom(timestamp(reservation.resolved_at_us))
+    return message
+
+
+def entry_message(entry: JournalEntry) -> pb.JournalEntry:
+    return pb.JournalEntry(
+        account_id=entry.account_id,
+        credit_type=entry.credit_type,
+        sequence=entry.sequence,
+        kind=KIND_TO_PB[entry.kind],
+        amount=entry.amount,
+        available_after=entry.available_after,
+        reserved_after=entry.reserved_after,
+        balance_after=entry.balance_after,
+        grant_id=entry.grant_id,
+        reservation_id=entry.reservation_id,
+        idempotency_key=entry.idempotency_key,
+        principal=entry.principal,
+        action=entry.action,
+        request_id=entry.request_id,
+        created_at=timestamp(entry.created_at_us),
+        grant_effects=[
+            pb.GrantEffect(
+                grant_id=e.grant_id,
+                remaining_delta=e.remaining_delta,
+                held_delta=e.held_delta,
+                consumed_delta=e.consumed_delta,
+                expired_delta=e.expired_delta,
+            )
+            for e in entry.grant_effects
+        ],
+    )
+
+
+def history_response(page: HistoryPage) -> pb.HistoryResponse:
+    return pb.HistoryResponse(
+        entries=[entry_message(e) for e in page.entries], next_page_token=page.next_page_token
+    )

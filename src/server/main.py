@@ -1,0 +1,53 @@
+"""`credits-server`: serve (default), migrate, or audit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from server import config as config_module
+from server import logs
+from server.app import CreditsApp
+from server.config import ServerConfig
+from store import audit_cli
+from store.database import create_engine
+from store.migrate import current_revision, migrate
+
+log = logging.getLogger("credits.server")
+
+
+async def serve(config: ServerConfig) -> None:
+    app = CreditsApp(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await app.stop()
+
+
+async def run_migrate(config: ServerConfig) -> None:
+    engine = create_engine(config.database_url)
+    try:
+        await migrate(engine)
+        log.info("migrated", extra={"fields": {"revision": await current_revision(engine)}})
+    finally:
+        await engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    command, config = config_module.load(argv)
+    logs.configure(config.log_level)
+    if command == "migrate":
+        asyncio.run(run_migrate(config))
+    elif command == "audit":
+        sys.exit(asyncio.run(audit_cli.run(config.database_url)))
+    else:
+        asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The ledger: schema, transactions, burn-down and audit. Knows nothing of gRPC."""

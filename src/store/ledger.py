@@ -1,0 +1,882 @@
+"""The ledger's operations: each one is one transaction that locks its wallet row first.
+
+Lock order, everywhere: idempotency key (unique-index insert) -> account row (insert only) ->
+wallet row (FOR UPDATE) -> the wallet's grants and reservations. A single order means no
+deadlock between our own transactions; the wallet row makes every change to a wallet's grants
+serial, so burn-down decisions are always taken on the latest state.
+
+The clock is read after the wallet lock is held, so "now" is the instant the decision is made,
+not when the request started waiting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, TypeVar
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from store import codec, idempotency, limits, rows, validation
+from store.burndown import Lot, allocate, consume
+from store.clock import Clock, SystemClock
+from store.errors import (
+    AccountLocked,
+    BalanceLimitExceeded,
+    BusinessFailure,
+    FieldViolation,
+    InsufficientCredits,
+    InvalidRequest,
+    LedgerError,
+    ReservationNotFound,
+    ReservationStateConflict,
+)
+from store.ids import new_id
+from store.model import (
+    SYSTEM_PRINCIPAL,
+    AccountStatus,
+    AddCreditsCommand,
+    Balance,
+    Caller,
+    CommitCommand,
+    EntryKind,
+    Grant,
+    GrantEffect,
+    GrantResult,
+    JournalEntry,
+    ReleaseCommand,
+    Reservation,
+    ReservationResult,
+    ReservationStatus,
+    ReserveCommand,
+)
+from store.rows import WalletState
+from store.schema import accounts, grants, reservation_slices, reservations, wallets
+from store.tx import Transactor
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    hold_ttl_seconds_default: int = limits.HOLD_TTL_SECONDS_DEFAULT
+    hold_ttl_seconds_max: int = limits.HOLD_TTL_SECONDS_MAX_DEFAULT
+    idempotency_retention_seconds: int = limits.IDEMPOTENCY_RETENTION_SECONDS_DEFAULT
+
+    def __post_init__(self) -> None:
+        if (
+            not limits.HOLD_TTL_SECONDS_MIN
+            <= self.hold_ttl_seconds_max
+            <= limits.HOLD_TTL_SECONDS_CEILING
+        ):
+            raise ValueError(
+                f"hold TTL max must be {limits.HOLD_TTL_SECONDS_MIN}.."
+                f"{limits.HOLD_TTL_SECONDS_CEILING} s"
+            )
+        if (
+            not limits.HOLD_TTL_SECONDS_MIN
+            <= self.hold_ttl_seconds_default
+            <= self.hold_ttl_seconds_max
+        ):
+            raise ValueError("hold TTL default must be between 1 s and the hold TTL max")
+        if self.idempotency_retention_seconds < limits.IDEMPOTENCY_RETENTION_SECONDS_MIN:
+            raise ValueError("idempotency keys must be kept at least 24 h (86400 s)")
+
+
+Resolution = Literal["commit", "release", "expire"]
+T = TypeVar("T")
+
+
+def _finish(outcome: T | LedgerError) -> T:
+    """Raises a failure that was decided (and possibly stored) inside a committed transaction."""
+    if isinstance(outcome, LedgerError):
+        raise outcome
+    return outcome
+
+
+class Ledger:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Clock | None = None,
+        settings: LedgerSettings | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clock: Clock = clock or SystemClock()
+        self.settings = settings or LedgerSettings()
+        self.transactor = Transactor(engine)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    async def check(self, account_id: str, credit_type: str, amount: int = 0) -> Balance:
+        validation.validate_check(account_id, credit_type, amount)
+
+        async def work(conn: AsyncConnection) -> Balance:
+            now_us = self.clock.now_us()
+            reserved = await conn.scalar(
+                select(wallets.c.reserved).where(
+                    wallets.c.account_id == account_id, wallets.c.credit_type == credit_type
+                )
+            )
+            return Balance(
+                account_id=account_id,
+                credit_type=credit_type,
+                available=await rows.available(conn, account_id, credit_type, now_us),
+                reserved=int(reserved or 0),
+                account_status=await rows.account_status(conn, account_id),
+                as_of_us=now_us,
+            )
+
+        return await self.transactor.read(work)
+
+    async def get_grant(self, account_id: str, grant_id: str) -> Grant | None:
+        async def work(conn: AsyncConnection) -> Grant | None:
+            row = (
+                await conn.execute(
+                    select(grants).where(
+                        grants.c.account_id == account_id, grants.c.grant_id == grant_id
+                    )
+                )
+            ).first()
+            return None if row is None else rows.grant_from_row(row)
+
+        return await self.transactor.read(work)
+
+    async def get_reservation(self, account_id: str, reservation_id: str) -> Reservation | None:
+        async def work(conn: AsyncConnection) -> Reservation | None:
+            found = await rows.load_reservation(conn, account_id, reservation_id)
+            return None if found is None else found[0]
+
+        return await self.transactor.read(work)
+
+    async def ping(self) -> None:
+        async def work(conn: AsyncConnection) -> None:
+            await conn.scalar(select(1))
+
+        await self.transactor.read(work)
+
+    # ---- AddCredits --------------------------------------------------------------------------
+
+    async def add_credits(self, cmd: AddCreditsCommand, caller: Caller) -> GrantResult:
+        validation.validate_add_credits(cmd, self.clock.now_us())
+        _validate_caller(caller)
+        request = {
+            "credit_type": cmd.credit_type,
+            "amount": cmd.amount,
+            "source": cmd.source.value,
+            "priority": cmd.priority,
+            "effective_at_us": cmd.effective_at_us,
+            "expires_at_us": cmd.expires_at_us,
+            "external_ref": cmd.external_ref,
+            "metadata": dict(cmd.metadata),
+            "action": caller.action,
+        }
+
+        async def work(conn: AsyncConnection) -> GrantResult | LedgerError:
+            stored = await idempotency.claim(
+                conn,
+                cmd.account_id,
+                cmd.idempotency_key,
+                "add_credits",
+                request,
+                self.clock.now_us(),
+            )
+            if stored is not None:
+                return _expect(stored, GrantResult)
+            outcome = await self._add_credits(conn, cmd, caller)
+            await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
+            return outcome
+
+        return _finish(await self.transactor.write(work))
+
+    async def _add_credits(
+        self, conn: AsyncConnection, cmd: AddCreditsCommand, caller: Caller
+    ) -> GrantResult | BusinessFailure:
+        now_us = self.clock.now_us()
+        await conn.execute(
+            rows.upsert(conn, accounts)
+            .values(
+                account_id=cmd.account_id,
+                status=AccountStatus.ACTIVE.value,
+                created_at_us=now_us,
+                updated_at_us=now_us,
+            )
+            .on_conflict_do_nothing(index_elements=["account_id"])
+        )
+        await conn.execute(
+            rows.upsert(conn, wallets)
+            .values(
+                account_id=cmd.account_id,
+                credit_type=cmd.credit_type,
+                last_sequence=0,
+                reserved=0,
+                created_at_us=now_us,
+            )
+            .on_conflict_do_nothing(index_elements=["account_id", "credit_type"])
+        )
+        wallet = await rows.lock_wallet(conn, cmd.account_id, cmd.credit_type)
+        assert wallet is not None, "the wallet row was just upserted"
+        now_us = self.clock.now_us()
+        unexpired = await _unexpired_total(conn, cmd.account_id, cmd.credit_type)
+        if unexpired + cmd.amount > limits.WALLET_BALANCE_MAX:
+            return BalanceLimitExceeded(
+                cmd.account_id, cmd.credit_type, unexpired, limits.WALLET_BALANCE_MAX
+            )
+        grant = Grant(
+            grant_id=new_id("grt"),
+            account_id=cmd.account_id,
+            credit_type=cmd.credit_type,
+            amount=cmd.amount,
+            remaining=cmd.amount,
+            held=0,
+            consumed=0,
+            expired=0,
+            source=cmd.source,
+            priority=limits.PRIORITY_DEFAULT if cmd.priority is None else cmd.priority,
+            effective_at_us=now_us if cmd.effective_at_us is None else cmd.effective_at_us,
+            expires_at_us=cmd.expires_at_us,
+            external_ref=cmd.external_ref,
+            metadata=dict(cmd.metadata),
+            created_at_us=now_us,
+        )
+        await conn.execute(
+            insert(grants).values(
+                account_id=grant.account_id,
+                grant_id=grant.grant_id,
+                credit_type=grant.credit_type,
+                amount=grant.amount,
+                remaining=grant.remaining,
+                held=0,
+                consumed=0,
+                expired=0,
+                source=grant.source.value,
+                priority=grant.priority,
+                effective_at_us=grant.effective_at_us,
+                expires_at_us=grant.expires_at_us,
+                external_ref=grant.external_ref,
+                metadata_json=codec.metadata_to_json(grant.metadata),
+                idempotency_key=cmd.idempotency_key,
+                created_at_us=now_us,
+            )
+        )
+        entry = await self._journal(
+            conn,
+            wallet,
+            cmd.account_id,
+            cmd.credit_type,
+            now_us,
+            caller,
+            kind=EntryKind.GRANT,
+            effects=(GrantEffect(grant.grant_id, remaining_delta=grant.amount),),
+            reserved_delta=0,
+            grant_id=grant.grant_id,
+            idempotency_key=cmd.idempotency_key,
+        )
+        return GrantResult(grant, entry)
+
+    # ---- Reserve -----------------------------------------------------------------------------
+
+    async def reserve(self, cmd: ReserveCommand, caller: Caller) -> ReservationResult:
+        validation.validate_reserve(cmd, self.settings.hold_ttl_seconds_max)
+        _validate_caller(caller)
+        # request_id is a tracing label, not part of the request: a retry may carry a new one.
+        request = {
+            "credit_type": cmd.credit_type,
+            "amount": cmd.amount,
+            "ttl_seconds": cmd.ttl_seconds,
+            "metadata": dict(cmd.metadata),
+            "action": caller.action,
+        }
+
+        async def work(conn: AsyncConnection) -> ReservationResult | LedgerError:
+            stored = await idempotency.claim(
+                conn, cmd.account_id, cmd.idempotency_key, "reserve", request, self.clock.now_us()
+            )
+            if stored is not None:
+                return _expect(stored, ReservationResult)
+            outcome = await self._reserve(conn, cmd, caller)
+            await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
+            return outcome
+
+        return _finish(await self.transactor.write(work))
+
+    async def _reserve(
+        self, conn: AsyncConnection, cmd: ReserveCommand, caller: Caller
+    ) -> ReservationResult | BusinessFailure:
+        wallet = await rows.lock_wallet(conn, cmd.account_id, cmd.credit_type)
+        now_us = self.clock.now_us()
+        if await rows.account_status(conn, cmd.account_id) is AccountStatus.LOCKED:
+            return AccountLocked(cmd.account_id)
+        lots = (
+            []
+            if wallet is None
+            else await rows.live_lots(conn, cmd.account_id, cmd.credit_type, now_us)
+        )
+        available = sum(lot.amount for lot in lots)
+        slices = allocate(lots, cmd.amount) if available >= cmd.amount else None
+        if wallet is None or slices is None:
+            return InsufficientCredits(cmd.account_id, cmd.credit_type, cmd.amount, available)
+
+        ttl_seconds = cmd.ttl_seconds or self.settings.hold_ttl_seconds_default
+        reservation = Reservation(
+            reservation_id=new_id("rsv"),
+            account_id=cmd.account_id,
+            credit_type=cmd.credit_type,
+            amount=cmd.amount,
+            status=ReservationStatus.PENDING,
+            created_at_us=now_us,
+            expires_at_us=now_us + ttl_seconds * limits.MICROSECONDS_PER_SECOND,
+            resolved_at_us=None,
+            amount_committed=0,
+            amount_released=0,
+            amount_expired=0,
+            action=caller.action,
+            request_id=caller.request_id,
+            metadata=dict(cmd.metadata),
+            slices=tuple(slices),
+        )
+        await _apply_grant_deltas(
+            conn,
+            cmd.account_id,
+            [
+                GrantEffect(s.grant_id, remaining_delta=-s.amount, held_delta=s.amount)
+                for s in slices
+            ],
+        )
+        sequence = wallet.last_sequence + 1
+        await conn.execute(
+            insert(reservations).values(
+                account_id=reservation.account_id,
+                reservation_id=reservation.reservation_id,
+                credit_type=reservation.credit_type,
+                amount=reservation.amount,
+                status=reservation.status.value,
+                created_at_us=now_us,
+                expires_at_us=reservation.expires_at_us,
+                resolved_at_us=None,
+                amount_committed=0,
+                amount_released=0,
+                amount_expired=0,
+                action=reservation.action,
+                request_id=reservation.request_id,
+                metadata_json=codec.metadata_to_json(reservation.metadata),
+                idempotency_key=cmd.idempotency_key,
+                reserve_sequence=sequence,
+                resolution_sequence=None,
+            )
+        )
+        await conn.execute(
+            insert(reservation_slices),
+            [
+                {
+                    "account_id": cmd.account_id,
+                    "reservation_id": reservation.reservation_id,
+                    "grant_id": s.grant_id,
+                    "amount": s.amount,
+                }
+                for s in slices
+            ],
+        )
+        entry = await self._journal(
+            conn,
+            wallet,
+            cmd.account_id,
+            cmd.credit_type,
+            now_us,
+            caller,
+            kind=EntryKind.RESERVE,
+            effects=tuple(
+                GrantEffect(s.grant_id, remaining_delta=-s.amount, held_delta=s.amount)
+                for s in slices
+            ),
+            reserved_delta=cmd.amount,
+            reservation_id=reservation.reservation_id,
+            idempotency_key=cmd.idempotency_key,
+            available_after=available - cmd.amount,
+        )
+        return ReservationResult(reservation, entry)
+
+    # ---- Commit / Release / hold expiry ------------------------------------------------------
+
+    async def commit(self, cmd: CommitCommand, caller: Caller) -> ReservationResult:
+        validation.validate_commit(cmd)
+        _validate_caller(caller)
+        return await self._resolve(cmd.account_id, cmd.reservation_id, "commit", cmd.amount, caller)
+
+    async def release(self, cmd: ReleaseCommand, caller: Caller) -> ReservationResult:
+        validation.validate_release(cmd)
+        _validate_caller(caller)
+        return await self._resolve(cmd.account_id, cmd.reservation_id, "release", None, caller)
+
+    async def _resolve(
+        self,
+        account_id: str,
+        reservation_id: str,
+        resolution: Resolution,
+        amount: int | None,
+        caller: Caller,
+    ) -> ReservationResult:
+        async def work(conn: AsyncConnection) -> ReservationResult | LedgerError:
+            credit_type = await conn.scalar(
+                select(reservations.c.credit_type).where(
+                    reservations.c.account_id == account_id,
+                    reservations.c.reservation_id == reservation_id,
+                )
+            )
+            if credit_type is None:
+                return ReservationNotFound(account_id, reservation_id)
+            wallet = await rows.lock_wallet(conn, account_id, credit_type)
+            assert wallet is not None, "a reservation's wallet exists"
+            now_us = self.clock.now_us()
+            # Read again under the wallet lock: the state may have moved while we waited.
+            found = await rows.load_reservation(conn, account_id, reservation_id)
+            assert found is not None
+            reservation, resolution_sequence = found
+            if amount is not None and amount > reservation.amount:
+                return InvalidRequest(
+                    [
+                        FieldViolation(
+                            "amount",
+                            f"is {amount} but reservation {reservation_id!r} holds only "
+                            f"{reservation.amount}; commit at most the reserved amount",
+                        )
+                    ]
+                )
+            if reservation.status is not ReservationStatus.PENDING:
+                assert resolution_sequence is not None
+                return await _repeat_or_conflict(
+                    conn, reservation, resolution_sequence, resolution, amount
+                )
+            if now_us >= reservation.expires_at_us:
+                # The clock decides once: past the TTL the hold is expired, sweeper or not.
+                await self._settle(conn, wallet, reservation, "expire", 0, now_us, _system(caller))
+                return _expired_conflict(reservation)
+            consumed = (
+                (reservation.amount if amount is None else amount) if resolution == "commit" else 0
+            )
+            return await self._settle(
+                conn, wallet, reservation, resolution, consumed, now_us, caller
+            )
+
+        return _finish(await self.transactor.write(work))
+
+    async def _settle(
+        self,
+        conn: AsyncConnection,
+        wallet: WalletState,
+        reservation: Reservation,
+        resolution: Resolution,
+        consumed_total: int,
+        now_us: int,
+        caller: Caller,
+    ) -> ReservationResult:
+        """Resolves a pending reservation: consumes `consumed_total` in burn-down order and
+        hands the rest back to its grants (straight to `expired` for grants past expires_at)."""
+        assert reservation.status is ReservationStatus.PENDING
+        # Commit and Release carry no labels of their own: the journal keeps the reservation's
+        # action (so History by action finds the charge) and the caller's request id.
+        caller = replace(
+            caller,
+            action=caller.action or reservation.action,
+            request_id=caller.request_id or reservation.request_id,
+        )
+        grant_rows = {
+            r.grant_id: r
+            for r in await conn.execute(
+                select(
+                    grants.c.grant_id,
+                    grants.c.priority,
+                    grants.c.effective_at_us,
+                    grants.c.expires_at_us,
+                ).where(
+                    grants.c.account_id == reservation.account_id,
+                    grants.c.grant_id.in_([s.grant_id for s in reservation.slices]),
+                )
+            )
+        }
+        slice_lots = [
+            Lot(
+                s.grant_id,
+                grant_rows[s.grant_id].priority,
+                grant_rows[s.grant_id].effective_at_us,
+                grant_rows[s.grant_id].expires_at_us,
+                s.amount,
+            )
+            for s in reservation.slices
+        ]
+        effects: list[GrantEffect] = []
+        for outcome in consume(slice_lots, consumed_total):
+            expires_at_us = grant_rows[outcome.grant_id].expires_at_us
+            grant_expired = expires_at_us is not None and now_us >= expires_at_us
+            effects.append(
+                GrantEffect(
+                    outcome.grant_id,
+                    remaining_delta=0 if grant_expired else outcome.returned,
+                    held_delta=-(outcome.consumed + outcome.returned),
+                    consumed_delta=outcome.consumed,
+                    expired_delta=outcome.returned if grant_expired else 0,
+                )
+            )
+        await _apply_grant_deltas(conn, reservation.account_id, effects)
+
+        status, kind = {
+            "commit": (ReservationStatus.COMMITTED, EntryKind.COMMIT),
+            "release": (ReservationStatus.RELEASED, EntryKind.RELEASE),
+            "expire": (ReservationStatus.EXPIRED, EntryKind.HOLD_EXPIRY),
+        }[resolution]
+        returned = reservation.amount - consumed_total
+        resolved = replace(
+            reservation,
+            status=status,
+            resolved_at_us=now_us,
+            amount_committed=consumed_total,
+            amount_released=returned if resolution != "expire" else 0,
+            amount_expired=reservation.amount if resolution == "expire" else 0,
+        )
+        assert (
+            resolved.amount_committed + resolved.amount_released + resolved.amount_expired
+            == resolved.amount
+        )
+        sequence = wallet.last_sequence + 1
+        result = await conn.execute(
+            update(reservations)
+            .where(
+                reservations.c.account_id == reservation.account_id,
+                reservations.c.reservation_id == reservation.reservation_id,
+                reservations.c.status == ReservationStatus.PENDING.value,
+            )
+            .values(
+                status=status.value,
+                resolved_at_us=now_us,
+                amount_committed=resolved.amount_committed,
+                amount_released=resolved.amount_released,
+                amount_expired=resolved.amount_expired,
+                resolution_sequence=sequence,
+            )
+        )
+        assert result.rowcount == 1, "a reservation is resolved at most once"
+        entry = await self._journal(
+            conn,
+            wallet,
+            reservation.account_id,
+            reservation.credit_type,
+            now_us,
+            caller,
+            kind=kind,
+            effects=tuple(effects),
+            reserved_delta=-reservation.amount,
+            reservation_id=reservation.reservation_id,
+        )
+        return ReservationResult(resolved, entry)
+
+    # ---- sweepers ----------------------------------------------------------------------------
+
+    async def sweep_expired_holds(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
+        """Expires pending reservations past their TTL; returns how many it expired. Safe on any
+        number of replicas at once: a wallet another transaction holds is skipped this round."""
+        now_us = self.clock.now_us()
+
+        async def find(conn: AsyncConnection) -> list[tuple[str, str, str]]:
+            result = await conn.execute(
+                select(
+                    reservations.c.account_id,
+                    reservations.c.reservation_id,
+                    reservations.c.credit_type,
+                )
+                .where(
+                    reservations.c.status == ReservationStatus.PENDING.value,
+                    reservations.c.expires_at_us <= now_us,
+                )
+                .order_by(reservations.c.expires_at_us)
+                .limit(batch_max)
+            )
+            return [(r.account_id, r.reservation_id, r.credit_type) for r in result]
+
+        expired = 0
+        for account_id, reservation_id, credit_type in await self.transactor.read(find):
+
+            async def expire(
+                conn: AsyncConnection,
+                a: str = account_id,
+                r: str = reservation_id,
+                c: str = credit_type,
+            ) -> bool:
+                wallet = await rows.lock_wallet(conn, a, c, skip_locked=True)
+                if wallet is None:
+                    return False
+                found = await rows.load_reservation(conn, a, r)
+                assert found is not None
+                reservation = found[0]
+                at_us = self.clock.now_us()
+                if (
+                    reservation.status is not ReservationStatus.PENDING
+                    or at_us < reservation.expires_at_us
+                ):
+                    return False
+                await self._settle(conn, wallet, reservation, "expire", 0, at_us, _system(Caller()))
+                return True
+
+            expired += await self.transactor.write(expire)
+        return expired
+
+    async def sweep_expired_grants(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
+        """Expires the remaining part of grants past expires_at (held parts wait for their
+        reservations); returns how many grants it expired."""
+        now_us = self.clock.now_us()
+
+        async def find(conn: AsyncConnection) -> list[tuple[str, str]]:
+            result = await conn.execute(
+                select(grants.c.account_id, grants.c.credit_type)
+                .where(
+                    grants.c.remaining > 0,
+                    grants.c.expires_at_us.is_not(None),
+                    grants.c.expires_at_us <= now_us,
+                )
+                .order_by(grants.c.expires_at_us)
+                .limit(batch_max)
+            )
+            return sorted({(r.account_id, r.credit_type) for r in result})
+
+        expired = 0
+        for account_id, credit_type in await self.transactor.read(find):
+
+            async def expire(
+                conn: AsyncConnection, a: str = account_id, c: str = credit_type
+            ) -> int:
+                wallet = await rows.lock_wallet(conn, a, c, skip_locked=True)
+                if wallet is None:
+                    return 0
+                at_us = self.clock.now_us()
+                due = await conn.execute(
+                    select(grants.c.grant_id, grants.c.remaining)
+                    .where(
+                        grants.c.account_id == a,
+                        grants.c.credit_type == c,
+                        grants.c.remaining > 0,
+                        grants.c.expires_at_us.is_not(None),
+                        grants.c.expires_at_us <= at_us,
+                    )
+                    .order_by(grants.c.expires_at_us, grants.c.grant_id)
+                )
+                count = 0
+                for grant_id, remaining in due.all():
+                    effect = GrantEffect(
+                        grant_id, remaining_delta=-remaining, expired_delta=remaining
+                    )
+                    await _apply_grant_deltas(conn, a, [effect])
+                    await self._journal(
+                        conn,
+                        wallet,
+                        a,
+                        c,
+                        at_us,
+                        _system(Caller()),
+                        kind=EntryKind.GRANT_EXPIRY,
+                        effects=(effect,),
+                        reserved_delta=0,
+                        grant_id=grant_id,
+                    )
+                    wallet = WalletState(wallet.last_sequence + 1, wallet.reserved)
+                    count += 1
+                return count
+
+            expired += await self.transactor.write(expire)
+        return expired
+
+    async def prune_idempotency_keys(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
+        older_than_us = (
+            self.clock.now_us()
+            - self.settings.idempotency_retention_seconds * limits.MICROSECONDS_PER_SECOND
+        )
+
+        async def work(conn: AsyncConnection) -> int:
+            return await idempotency.prune(conn, older_than_us, batch_max)
+
+        return await self.transactor.write(work)
+
+    # ---- admin -------------------------------------------------------------------------------
+
+    async def set_account_status(self, account_id: str, status: AccountStatus) -> None:
+        v = validation.Violations()
+        validation.check_account_id(v, account_id)
+        v.raise_if_any()
+
+        async def work(conn: AsyncConnection) -> None:
+            now_us = self.clock.now_us()
+            await conn.execute(
+                rows.upsert(conn, accounts)
+                .values(
+                    account_id=account_id,
+                    status=status.value,
+                    created_at_us=now_us,
+                    updated_at_us=now_us,
+                )
+                .on_conflict_do_update(
+                    index_elements=["account_id"],
+                    set_={"status": status.value, "updated_at_us": now_us},
+                )
+            )
+
+        await self.transactor.write(work)
+
+    # ---- journal -----------------------------------------------------------------------------
+
+    async def _journal(
+        self,
+        conn: AsyncConnection,
+        wallet: WalletState,
+        account_id: str,
+        credit_type: str,
+        now_us: int,
+        caller: Caller,
+        *,
+        kind: EntryKind,
+        effects: tuple[GrantEffect, ...],
+        reserved_delta: int,
+        grant_id: str = "",
+        reservation_id: str = "",
+        idempotency_key: str = "",
+        available_after: int | None = None,
+    ) -> JournalEntry:
+        """Appends the entry for a change already applied to the grants, and advances the
+        wallet's sequence and reserved total in the same transaction."""
+        after = WalletState(wallet.last_sequence + 1, wallet.reserved + reserved_delta)
+        assert reserved_delta == sum(e.held_delta for e in effects), "reserved tracks held"
+        if available_after is None:
+            available_after = await rows.available(conn, account_id, credit_type, now_us)
+        entry = JournalEntry(
+            account_id=account_id,
+            credit_type=credit_type,
+            sequence=after.last_sequence,
+            kind=kind,
+            amount=sum(e.unexpired_delta for e in effects),
+            available_after=available_after,
+            reserved_after=after.reserved,
+            grant_id=grant_id,
+            reservation_id=reservation_id,
+            idempotency_key=idempotency_key,
+            principal=caller.principal,
+            action=caller.action,
+            request_id=caller.request_id,
+            created_at_us=now_us,
+            grant_effects=effects,
+        )
+        await rows.append_entry(conn, entry)
+        await rows.save_wallet(conn, account_id, credit_type, after)
+        return entry
+
+
+def _validate_caller(caller: Caller) -> None:
+    v = validation.Violations()
+    validation.check_labels(v, caller.action, caller.request_id)
+    v.raise_if_any()
+
+
+def _system(caller: Caller) -> Caller:
+    """Changes the server makes on its own (expiry) are journaled as the system principal."""
+    return Caller(principal=SYSTEM_PRINCIPAL, action=caller.action, request_id=caller.request_id)
+
+
+def _expect(outcome: codec.Outcome, kind: type[T]) -> T | BusinessFailure:
+    if isinstance(outcome, BusinessFailure):
+        return outcome
+    assert isinstance(outcome, kind), f"stored outcome {type(outcome).__name__} is not a {kind}"
+    return outcome
+
+
+async def _unexpired_total(conn: AsyncConnection, account_id: str, credit_type: str) -> int:
+    total = await conn.scalar(
+        select(func.coalesce(func.sum(grants.c.remaining + grants.c.held), 0)).where(
+            grants.c.account_id == account_id, grants.c.credit_type == credit_type
+        )
+    )
+    return int(total or 0)
+
+
+async def _apply_grant_deltas(
+    conn: AsyncConnection, account_id: str, effects: list[GrantEffect]
+) -> None:
+    """One UPDATE per grant; the CHECK constraints refuse any negative part."""
+    if not effects:
+        return
+    await conn.execute(
+        update(grants)
+        .where(
+            grants.c.account_id == bindparam("p_account"), grants.c.grant_id == bindparam("p_grant")
+        )
+        .values(
+            remaining=grants.c.remaining + bindparam("p_remaining"),
+            held=grants.c.held + bindparam("p_held"),
+            consumed=grants.c.consumed + bindparam("p_consumed"),
+            expired=grants.c.expired + bindparam("p_expired"),
+        ),
+        [
+            {
+                "p_account": account_id,
+                "p_grant": e.grant_id,
+                "p_remaining": e.remaining_delta,
+                "p_held": e.held_delta,
+                "p_consumed": e.consumed_delta,
+                "p_expired": e.expired_delta,
+            }
+            for e in effects
+        ],
+    )
+
+
+def _expired_conflict(reservation: Reservation) -> ReservationStateConflict:
+    return ReservationStateConflict(
+        "RESERVATION_EXPIRED",
+        f"reservation {reservation.reservation_id!r} expired at its TTL "
+        f"(expires_at_us={reservation.expires_at_us}) and its credits were returned; "
+        "reserve again",
+        {"status": "expired", "amount": str(reservation.amount)},
+    )
+
+
+async def _repeat_or_conflict(
+    conn: AsyncConnection,
+    reservation: Reservation,
+    resolution_sequence: int,
+    resolution: Resolution,
+    amount: int | None,
+) -> ReservationResult | LedgerError:
+    """A request on a resolved reservation: the same answer again, or a conflict naming it."""
+    status = reservation.status
+    same = (
+        resolution == "commit"
+        and status is ReservationStatus.COMMITTED
+        and (reservation.amount if amount is None else amount) == reservation.amount_committed
+    ) or (
+        resolution == "release"
+        and status in (ReservationStatus.RELEASED, ReservationStatus.EXPIRED)
+    )
+    if same:
+        entry = await rows.load_entry(
+            conn, reservation.account_id, reservation.credit_type, resolution_sequence
+        )
+        return ReservationResult(reservation, entry)
+    if status is ReservationStatus.EXPIRED:
+        return _expired_conflict(reservation)
+    rid = reservation.reservation_id
+    metadata = {
+        "status": status.value,
+        "amount": str(reservation.amount),
+        "amount_committed": str(reservation.amount_committed),
+        "amount_released": str(reservation.amount_released),
+    }
+    if status is ReservationStatus.COMMITTED:
+        asked = (
+            "release it"
+            if resolution == "release"
+            else (f"commit {reservation.amount if amount is None else amount}")
+        )
+        return ReservationStateConflict(
+            "RESERVATION_COMMITTED",
+            f"reservation {rid!r} was already committed for {reservation.amount_committed}; "
+            f"cannot {asked}. Reserve again for new work",
+            metadata,
+        )
+    return ReservationStateConflict(
+        "RESERVATION_RELEASED",
+        f"reservation {rid!r} was already released; cannot commit it. Reserve again",
+        metadata,
+    )

@@ -1,0 +1,190 @@
+"""The tables. Every table's key starts with account_id, so the schema can be distributed by
+account (Citus) and no hot-path transaction ever spans two accounts.
+
+Times are integer microseconds since the Unix epoch (UTC): exact, and the same on SQLite and
+Postgres. Amounts are BIGINT whole credits. CHECK constraints restate the invariants of
+DESIGN.md, so even a bug in this code cannot store a negative balance or lose a credit.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ACCOUNT_ID = String(128)
+CREDIT_TYPE = String(32)
+ID = String(64)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    CheckConstraint("status IN ('active', 'locked')", name="status"),
+)
+
+# One row per (account, credit type). Writers of a wallet lock this row first (FOR UPDATE), so
+# this row is the serialisation point of everything that changes the wallet's grants.
+wallets = Table(
+    "wallets",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("credit_type", CREDIT_TYPE, primary_key=True),
+    # Sequence of the wallet's last journal entry; also the version of its cached balance.
+    Column("last_sequence", BigInteger, nullable=False),
+    # Sum of `held` over the wallet's grants.
+    Column("reserved", BigInteger, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    CheckConstraint("reserved >= 0", name="reserved_nonnegative"),
+    CheckConstraint("last_sequence >= 0", name="sequence_nonnegative"),
+)
+
+grants = Table(
+    "grants",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("grant_id", ID, primary_key=True),
+    Column("credit_type", CREDIT_TYPE, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),
+    Column("held", BigInteger, nullable=False),
+    Column("consumed", BigInteger, nullable=False),
+    Column("expired", BigInteger, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("effective_at_us", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=True),
+    Column("external_ref", String(255), nullable=False),
+    Column("metadata_json", Text, nullable=False),
+    Column("idempotency_key", String(128), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint(
+        "remaining >= 0 AND held >= 0 AND consumed >= 0 AND expired >= 0", name="parts_nonnegative"
+    ),
+    CheckConstraint("remaining + held + consumed + expired = amount", name="parts_sum_to_amount"),
+    Index("ix_grants_wallet", "account_id", "credit_type"),
+    # The grant sweeper's scan: grants with credits left, by expiry.
+    Index(
+        "ix_grants_expiring",
+        "expires_at_us",
+        postgresql_where=text("remaining > 0 AND expires_at_us IS NOT NULL"),
+        sqlite_where=text("remaining > 0 AND expires_at_us IS NOT NULL"),
+    ),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("reservation_id", ID, primary_key=True),
+    Column("credit_type", CREDIT_TYPE, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("expires_at_us", BigInteger, nullable=False),
+    Column("resolved_at_us", BigInteger, nullable=True),
+    Column("amount_committed", BigInteger, nullable=False),
+    Column("amount_released", BigInteger, nullable=False),
+    Column("amount_expired", BigInteger, nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("metadata_json", Text, nullable=False),
+    Column("idempotency_key", String(128), nullable=False),
+    Column("reserve_sequence", BigInteger, nullable=False),
+    # The journal entry that resolved it, so a repeated Commit/Release returns the same answer.
+    Column("resolution_sequence", BigInteger, nullable=True),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("status IN ('pending', 'committed', 'released', 'expired')", name="status"),
+    CheckConstraint(
+        "amount_committed >= 0 AND amount_released >= 0 AND amount_expired >= 0",
+        name="parts_nonnegative",
+    ),
+    CheckConstraint(
+        "(status = 'pending' AND resolved_at_us IS NULL AND resolution_sequence IS NULL"
+        " AND amount_committed + amount_released + amount_expired = 0)"
+        " OR (status <> 'pending' AND resolved_at_us IS NOT NULL"
+        " AND resolution_sequence IS NOT NULL"
+        " AND amount_committed + amount_released + amount_expired = amount)",
+        name="resolved_once_in_full",
+    ),
+    # The hold sweeper's scan.
+    Index(
+        "ix_reservations_pending_expiry",
+        "expires_at_us",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+)
+
+reservation_slices = Table(
+    "reservation_slices",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("reservation_id", ID, primary_key=True),
+    Column("grant_id", ID, primary_key=True),
+    Column("amount", BigInteger, nullable=False),
+    CheckConstraint("amount > 0", name="amount_positive"),
+)
+
+# Append-only: the migration installs triggers that refuse UPDATE and DELETE.
+journal = Table(
+    "journal",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("credit_type", CREDIT_TYPE, primary_key=True),
+    Column("sequence", BigInteger, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("available_after", BigInteger, nullable=False),
+    Column("reserved_after", BigInteger, nullable=False),
+    Column("grant_id", String(64), nullable=False),
+    Column("reservation_id", String(64), nullable=False),
+    Column("idempotency_key", String(128), nullable=False),
+    Column("principal", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    # [[grant_id, remaining_delta, held_delta, consumed_delta, expired_delta], ...]
+    Column("grant_effects_json", Text, nullable=False),
+    CheckConstraint("sequence > 0", name="sequence_positive"),
+    CheckConstraint("available_after >= 0 AND reserved_after >= 0", name="after_nonnegative"),
+    # History: an account's entries newest first.
+    Index("ix_journal_account_time", "account_id", "created_at_us"),
+)
+
+# The first completed outcome of each idempotency key (DESIGN.md invariant 4).
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("operation", String(32), nullable=False),
+    # The request's fields as canonical JSON, to name the field that differs on reuse.
+    Column("request_json", Text, nullable=False),
+    # The stored outcome: {"result": ...} or {"failure": ...}.
+    Column("outcome_json", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Index("ix_idempotency_keys_created", "created_at_us"),
+)

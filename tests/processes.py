@@ -1,0 +1,75 @@
+"""Real `credits-server` processes for tests that need more than one server or a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+READY_TIMEOUT_SECONDS = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+
+    def terminate(self, timeout_seconds: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_seconds)
+
+
+def spawn_server(database_url: str, *extra_args: str) -> ServerProcess:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.main",
+            "--listen",
+            address,
+            "--database-url",
+            database_url,
+            "--log-level",
+            "WARNING",
+            *extra_args,
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return ServerProcess(process, address)
+
+
+async def wait_serving(address: str, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                stderr = process.stderr.read().decode() if process.stderr else ""
+                raise RuntimeError(f"server exited with {process.returncode}: {stderr[-2000:]}")
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"server at {address} not serving after {READY_TIMEOUT_SECONDS} s")

@@ -1,0 +1,227 @@
+"""The server as ops and callers meet it: grpcurl, health, request ids, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from credits.v1 import credits_pb2 as pb
+from credits.v1 import credits_pb2_grpc
+from processes import free_port, wait_serving
+from rich_errors import error_reason
+from tcp_proxy import TcpProxy
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GRPCURL = shutil.which("grpcurl", path=str(pathlib.Path(sys.executable).parent)) or "grpcurl"
+Accounts = Callable[[str], str]
+
+
+def readme_grpcurl_session() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## A session with grpcurl", 1)[1]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "README's grpcurl session block is missing"
+    return match.group(1)
+
+
+@pytest.mark.slow
+async def test_readme_quick_start_serves_and_its_grpcurl_session_works_as_pasted(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`make run` is `credits-server --migrate` on the embedded default; run exactly that in an
+    empty directory, then paste the README's session into bash."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "credits-server"), "--migrate"],
+        cwd=tmp_path,
+        env={**os.environ, "CREDITS_LISTEN": f"127.0.0.1:{port}"},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_serving(f"127.0.0.1:{port}", server)
+        assert (tmp_path / "var" / "credits.db").exists(), "make run uses var/credits.db"
+        session = readme_grpcurl_session().replace("S=127.0.0.1:50051", f"S=127.0.0.1:{port}")
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", session],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "credits.v1.CreditsService" in result.stdout
+        assert "grpc.health.v1.Health" in result.stdout
+        assert '"status": "SERVING"' in result.stdout
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = credits_pb2_grpc.CreditsServiceStub(channel)
+            balance = await stub.CheckCredits(
+                pb.CheckCreditsRequest(account_id="user:42", consistent=True)
+            )
+            assert (balance.available, balance.reserved) == (410, 0)
+            history = await stub.History(pb.HistoryRequest(account_id="user:42"))
+            assert [e.kind for e in history.entries] == [
+                pb.ENTRY_KIND_RELEASE,
+                pb.ENTRY_KIND_RESERVE,
+                pb.ENTRY_KIND_COMMIT,
+                pb.ENTRY_KIND_RESERVE,
+                pb.ENTRY_KIND_GRANT,
+            ]
+    finally:
+        server.terminate()
+        assert server.wait(15) == 0
+
+
+async def test_grpcurl_describe_shows_the_documented_contract(
+    start_server: Any, sqlite_url: str
+) -> None:
+    server = await start_server(sqlite_url)
+    described = await asyncio.to_thread(
+        subprocess.run,
+        [GRPCURL, "-plaintext", server.address, "describe", "credits.v1.ReserveRequest"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert described.returncode == 0, described.stderr
+    assert "Time to live in seconds" in described.stdout
+    method = await asyncio.to_thread(
+        subprocess.run,
+        [GRPCURL, "-plaintext", server.address, "describe", "credits.v1.CreditsService.Commit"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert method.returncode == 0, method.stderr
+    assert "Charges a pending reservation" in method.stdout
+
+
+async def test_request_id_from_the_caller_is_echoed_and_journaled(
+    start_server: Any, database_url: str, accounts: Accounts
+) -> None:
+    server = await start_server(database_url)
+    account = accounts("a")
+    call = server.stub.AddCredits(
+        pb.AddCreditsRequest(
+            account_id=account, amount=5, idempotency_key="k", source=pb.GRANT_SOURCE_ADMIN
+        ),
+        metadata=(("x-request-id", "req-abc-123"),),
+    )
+    response = await call
+    assert ("x-request-id", "req-abc-123") in tuple(await call.trailing_metadata())
+    assert response.entry.request_id == "req-abc-123"
+    assert response.entry.principal == "anonymous"
+
+
+async def test_an_expired_deadline_changes_nothing(
+    start_server: Any, database_url: str, accounts: Accounts
+) -> None:
+    server = await start_server(database_url)
+    account = accounts("a")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await server.stub.AddCredits(
+            pb.AddCreditsRequest(
+                account_id=account, amount=5, idempotency_key="k", source=pb.GRANT_SOURCE_ADMIN
+            ),
+            timeout=0.0001,
+        )
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(0.2)
+    # A retry with the same key either finds the first outcome or makes the grant now: once.
+    await server.stub.AddCredits(
+        pb.AddCreditsRequest(
+            account_id=account, amount=5, idempotency_key="k", source=pb.GRANT_SOURCE_ADMIN
+        )
+    )
+    balance = await server.stub.CheckCredits(
+        pb.CheckCreditsRequest(account_id=account, consistent=True)
+    )
+    assert balance.available == 5
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_health_reports_not_serving_while_the_database_is_unreachable_and_recovers(
+    start_server: Any, postgres_url: str, accounts: Accounts
+) -> None:
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy_port = await proxy.start()
+    proxied = url.set(host="127.0.0.1", port=proxy_port).render_as_string(hide_password=False)
+    server = await start_server(proxied, health_probe_interval_seconds=0.2)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    account = accounts("a")
+
+    async def status() -> int:
+        return (
+            await health.Check(health_pb2.HealthCheckRequest(service="credits.v1.CreditsService"))
+        ).status
+
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    await proxy.cut()
+    await asyncio.sleep(1.0)
+    assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    for call in (
+        server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account, consistent=True)),
+        server.stub.Reserve(pb.ReserveRequest(account_id=account, amount=1, idempotency_key="r")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
+    await proxy.start()
+    await asyncio.sleep(1.0)
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    balance = await server.stub.CheckCredits(
+        pb.CheckCreditsRequest(account_id=account, consistent=True)
+    )
+    assert balance.available == 0
+    await proxy.cut()  # the server keeps its (proxied) URL; the fixture audits the real one
+    await proxy.start()
+
+
+async def test_insufficient_credits_is_a_rich_failed_precondition(
+    start_server: Any, database_url: str, accounts: Accounts
+) -> None:
+    server = await start_server(database_url)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await server.stub.Reserve(
+            pb.ReserveRequest(account_id=accounts("a"), amount=7, idempotency_key="r")
+        )
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(error.value) == "INSUFFICIENT_CREDITS"
+    assert "7" in (error.value.details() or "")
+
+
+async def test_sweeper_loop_expires_holds_in_the_background(
+    start_server: Any, database_url: str, accounts: Accounts
+) -> None:
+    server = await start_server(database_url, sweep_interval_seconds=0.2)
+    account = accounts("a")
+    await server.stub.AddCredits(
+        pb.AddCreditsRequest(
+            account_id=account, amount=10, idempotency_key="g", source=pb.GRANT_SOURCE_ADMIN
+        )
+    )
+    await server.stub.Reserve(
+        pb.ReserveRequest(account_id=account, amount=4, idempotency_key="r", ttl_seconds=1)
+    )
+    await asyncio.sleep(2.0)
+    history = await server.stub.History(
+        pb.HistoryRequest(account_id=account, kinds=[pb.ENTRY_KIND_HOLD_EXPIRY])
+    )
+    assert [(e.principal, e.amount) for e in history.entries] == [("system", 0)]
+    balance = await server.stub.CheckCredits(
+        pb.CheckCreditsRequest(account_id=account, consistent=True)
+    )
+    assert (balance.available, balance.reserved) == (10, 0)
