@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+from pg_cluster import throwaway_cluster
 from sqlalchemy.engine import make_url
 
 from credits.v1 import credits_pb2_grpc
-from pg_cluster import throwaway_cluster
 from server.app import CreditsApp
 from server.config import ServerConfig
 from store.audit import audit

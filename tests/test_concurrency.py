@@ -9,12 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
-
 from conftest import assert_audit_clean
-from credits.v1 import credits_pb2 as pb
-from credits.v1 import credits_pb2_grpc
 from processes import spawn_server, wait_serving
 from rich_errors import error_reason
+
+from credits.v1 import credits_pb2 as pb
+from credits.v1 import credits_pb2_grpc
 
 Accounts = Callable[[str], str]
 WALLET_CREDITS = 100

@@ -62,7 +62,7 @@ async def available(ledger: Ledger, account: str, credit_type: str = "default") 
     return (await ledger.check(account, credit_type)).available
 
 
-# ---- idempotency -------------------------------------------------------------------------------
+# ---- idempotency ----
 
 
 async def test_add_credits_replay_returns_the_identical_result_and_changes_nothing(
@@ -262,7 +262,7 @@ async def test_hold_sweeper_returns_credits_once(
     assert (balance.available, balance.reserved) == (90, 10)
 
 
-# ---- grant expiry ----------------------------------------------------------------------------------
+# ---- grant expiry ----
 
 
 async def test_held_credits_survive_their_grants_expiry_and_what_returns_expires_at_once(
@@ -322,7 +322,7 @@ async def test_future_grants_are_not_spendable_until_effective(
     await reserve(ledger, a, 50, "r2")
 
 
-# ---- accounts and wallets ------------------------------------------------------------------------
+# ---- accounts and wallets ----
 
 
 async def test_a_locked_account_cannot_reserve_but_reads_and_grants_work(
@@ -360,7 +360,7 @@ async def test_a_wallet_holds_at_most_the_balance_limit(
         await grant(ledger, a, 1, "one-more")
 
 
-# ---- journal and history -------------------------------------------------------------------------
+# ---- journal and history ----
 
 
 async def test_journal_records_who_spent_what_on_which_action(
@@ -440,3 +440,18 @@ async def test_audit_reports_a_grant_that_differs_from_its_journal(
             .where(grants.c.account_id == a, grants.c.grant_id == gid)
             .values(remaining=100, consumed=0)
         )
+
+
+async def test_idempotency_keys_are_kept_for_the_retention_then_pruned(
+    ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    a = accounts("a")
+    command = AddCreditsCommand(a, "default", 10, "k", GrantSource.PURCHASE)
+    first = await ledger.add_credits(command, CALLER)
+    clock.advance_seconds(ledger.settings.idempotency_retention_seconds - 1)
+    await ledger.prune_idempotency_keys()
+    assert await ledger.add_credits(command, CALLER) == first
+    clock.advance_seconds(2)
+    while await ledger.prune_idempotency_keys():
+        pass
+    assert (await ledger.add_credits(command, CALLER)).grant != first.grant  # a new grant

@@ -15,13 +15,13 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from processes import free_port, wait_serving
+from rich_errors import error_reason
 from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
 
 from credits.v1 import credits_pb2 as pb
 from credits.v1 import credits_pb2_grpc
-from processes import free_port, wait_serving
-from rich_errors import error_reason
-from tcp_proxy import TcpProxy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GRPCURL = shutil.which("grpcurl", path=str(pathlib.Path(sys.executable).parent)) or "grpcurl"
@@ -53,7 +53,8 @@ async def test_readme_quick_start_serves_and_its_grpcurl_session_works_as_pasted
         await wait_serving(f"127.0.0.1:{port}", server)
         assert (tmp_path / "var" / "credits.db").exists(), "make run uses var/credits.db"
         session = readme_grpcurl_session().replace("S=127.0.0.1:50051", f"S=127.0.0.1:{port}")
-        result = subprocess.run(
+        result = await asyncio.to_thread(
+            subprocess.run,
             ["bash", "-euo", "pipefail", "-c", session],
             cwd=ROOT,
             capture_output=True,
