@@ -4,14 +4,17 @@ features (a held row lock, a trigger), not mocks."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
+from processes import spawn_server, wait_serving
 from sqlalchemy import text
 
 from credits.v1 import credits_pb2 as pb
+from credits.v1 import credits_pb2_grpc
 from store.database import create_engine
 
 Accounts = Callable[[str], str]
@@ -107,4 +110,39 @@ async def test_an_unexpected_database_error_is_internal_quotes_the_request_id_an
         )
         assert response.entry.sequence == 2  # the failed attempt left no journal entry behind
     finally:
+        await engine.dispose()
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_in_flight_calls_finish_then_exits_cleanly(
+    postgres_url: str, accounts: Accounts
+) -> None:
+    server = spawn_server(postgres_url, "--shutdown-grace-seconds", "10")
+    account = accounts("a")
+    engine = create_engine(postgres_url)
+    try:
+        await wait_serving(server.address, server.process)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = credits_pb2_grpc.CreditsServiceStub(channel)
+            await fund(stub, account, 100)
+            async with engine.begin() as conn:  # make the next call wait inside the server
+                await conn.execute(
+                    text("SELECT 1 FROM wallets WHERE account_id = :a FOR UPDATE"), {"a": account}
+                )
+                in_flight = asyncio.ensure_future(
+                    stub.Reserve(
+                        pb.ReserveRequest(account_id=account, amount=10, idempotency_key="r1"),
+                        timeout=30,
+                    )
+                )
+                await asyncio.sleep(0.5)
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert not in_flight.done(), "the call is still waiting for the wallet"
+            response = await in_flight  # the lock is gone: the call finishes within the grace
+            assert response.reservation.amount == 10
+        assert await asyncio.to_thread(server.process.wait, 15) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
         await engine.dispose()
