@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from processes import free_port, wait_serving
-from rich_errors import error_reason
+from rich_errors import error_reason, field_violations
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
@@ -226,3 +226,16 @@ async def test_sweeper_loop_expires_holds_in_the_background(
         pb.CheckCreditsRequest(account_id=account, consistent=True)
     )
     assert (balance.available, balance.reserved) == (10, 0)
+
+
+async def test_every_problem_of_a_request_is_reported_at_once(
+    start_server: Any, sqlite_url: str
+) -> None:
+    server = await start_server(sqlite_url)
+    request = pb.AddCreditsRequest(account_id="x" * 200, amount=0, action="BAD ACTION")
+    request.expires_at.seconds = 10**12  # beyond year 9999
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await server.stub.AddCredits(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {field for field, _ in field_violations(error.value)}
+    assert {"account_id", "amount", "idempotency_key", "source", "action", "expires_at"} <= fields

@@ -59,7 +59,8 @@ class CreditsApp:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                 self.server,
-                pool=DocumentedPool(),
+                # Duck-typed: the adapter answers the lookups reflection makes (see its module).
+                pool=DocumentedPool(),  # type: ignore[arg-type]
             )
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from credits.v1 import credits_pb2 as pb
-from store import limits
+from store import limits, validation
 from store.errors import FieldViolation, InvalidRequest
 from store.model import (
     AccountStatus,
@@ -23,10 +25,6 @@ from store.model import (
     ReservationStatus,
     ReserveCommand,
 )
-
-# google.protobuf.Timestamp's own valid range: 0001-01-01 .. 9999-12-31.
-_TIMESTAMP_SECONDS_MIN = -62_135_596_800
-_TIMESTAMP_SECONDS_MAX = 253_402_300_799
 
 SOURCE_FROM_PB = {
     pb.GRANT_SOURCE_PURCHASE: GrantSource.PURCHASE,
@@ -70,48 +68,28 @@ def timestamp(us: int) -> Timestamp:
     return ts
 
 
-def optional_us(
-    message: object, field: str, ts: Timestamp, problems: list[FieldViolation]
-) -> int | None:
-    if not message.HasField(field):  # type: ignore[attr-defined]
+def optional_us(message: Any, field: str) -> int | None:
+    """Microseconds of a Timestamp field, or None when unset. Range checks are the store's."""
+    if not message.HasField(field):
         return None
-    if not (
-        _TIMESTAMP_SECONDS_MIN <= ts.seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= ts.nanos < 10**9
-    ):
-        problems.append(FieldViolation(field, "is not a valid timestamp (0001-01-01..9999-12-31)"))
-        return None
-    return ts.seconds * 1_000_000 + ts.nanos // 1000
-
-
-def _raise(problems: list[FieldViolation]) -> None:
-    if problems:
-        raise InvalidRequest(problems)
+    ts: Timestamp = getattr(message, field)
+    if not 0 <= ts.nanos < 1_000_000_000:
+        # Malformed on the wire: hand the store a time outside every range, which it rejects
+        # together with the request's other problems.
+        return validation.TIME_US_MAX + 1
+    return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
 
 
 def add_credits_command(request: pb.AddCreditsRequest) -> AddCreditsCommand:
-    problems: list[FieldViolation] = []
-    source = SOURCE_FROM_PB.get(request.source)
-    if source is None:
-        problems.append(
-            FieldViolation(
-                "source",
-                "is required: one of GRANT_SOURCE_PURCHASE, _SUBSCRIPTION, _PROMOTION, "
-                "_SIGNUP, _REFERRAL, _REFUND, _ADMIN, _TRANSFER",
-            )
-        )
-    effective_at_us = optional_us(request, "effective_at", request.effective_at, problems)
-    expires_at_us = optional_us(request, "expires_at", request.expires_at, problems)
-    _raise(problems)
-    assert source is not None
     return AddCreditsCommand(
         account_id=request.account_id,
         credit_type=credit_type(request.credit_type),
         amount=request.amount,
         idempotency_key=request.idempotency_key,
-        source=source,
+        source=SOURCE_FROM_PB.get(request.source),
         priority=request.priority if request.HasField("priority") else None,
-        effective_at_us=effective_at_us,
-        expires_at_us=expires_at_us,
+        effective_at_us=optional_us(request, "effective_at"),
+        expires_at_us=optional_us(request, "expires_at"),
         external_ref=request.external_ref,
         metadata=dict(request.metadata),
     )
@@ -141,28 +119,27 @@ def release_command(request: pb.ReleaseRequest) -> ReleaseCommand:
 
 
 def history_query(request: pb.HistoryRequest) -> HistoryQuery:
-    problems: list[FieldViolation] = []
-    kinds = []
-    for kind in request.kinds:
-        known = KIND_FROM_PB.get(kind)
-        if known is None:
-            problems.append(FieldViolation("kinds", f"{kind} is not a known EntryKind"))
-        else:
-            kinds.append(known)
-    start_us = optional_us(request, "start_time", request.start_time, problems)
-    end_us = optional_us(request, "end_time", request.end_time, problems)
-    _raise(problems)
-    return HistoryQuery(
+    unknown = [k for k in request.kinds if k not in KIND_FROM_PB]
+    query = HistoryQuery(
         account_id=request.account_id,
         credit_type=request.credit_type,
-        kinds=tuple(kinds),
-        start_us=start_us,
-        end_us=end_us,
+        kinds=tuple(KIND_FROM_PB[k] for k in request.kinds if k in KIND_FROM_PB),
+        start_us=optional_us(request, "start_time"),
+        end_us=optional_us(request, "end_time"),
         reservation_id=request.reservation_id,
         action=request.action,
         page_size=request.page_size,
         page_token=request.page_token,
     )
+    if unknown:
+        # Report the unknown kinds together with whatever else the store finds wrong.
+        violations = [FieldViolation("kinds", f"{k} is not a known EntryKind") for k in unknown]
+        try:
+            validation.validate_history(query)
+        except InvalidRequest as error:
+            violations += error.violations
+        raise InvalidRequest(violations)
+    return query
 
 
 def check_response(balance: Balance, amount: int) -> pb.CheckCreditsResponse:

@@ -20,6 +20,8 @@ from store.model import HistoryPage, HistoryQuery
 from store.schema import journal
 from store.tx import Transactor
 
+_BIGINT_MAX = 2**63 - 1
+
 
 def _filters_digest(query: HistoryQuery) -> str:
     filters = codec.dumps(
@@ -56,11 +58,23 @@ def decode_cursor(query: HistoryQuery) -> tuple[int, str, int] | None:
     try:
         padded = query.page_token + "=" * (-len(query.page_token) % 4)
         cursor = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        position = (int(cursor["t"]), str(cursor["c"]), int(cursor["s"]))
-        digest = cursor["f"]
+        created_at_us, credit_type, sequence, digest = (
+            cursor["t"],
+            cursor["c"],
+            cursor["s"],
+            cursor["f"],
+        )
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise bad from None
-    if digest != _filters_digest(query):
+    # Only what encode_cursor writes: JSON integers (not floats, Infinity, booleans) and a string.
+    integers = all(type(n) is int for n in (created_at_us, sequence))
+    if not integers or not isinstance(credit_type, str):
+        raise bad
+    position = (created_at_us, credit_type, sequence)
+    # A forged token must not reach the database with numbers no BIGINT column can hold.
+    in_range = all(0 <= n <= _BIGINT_MAX for n in (position[0], position[2]))
+    credit_type_ok = limits.CREDIT_TYPE_PATTERN.fullmatch(position[1]) is not None
+    if digest != _filters_digest(query) or not in_range or not credit_type_ok:
         raise bad
     return position
 

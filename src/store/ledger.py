@@ -156,12 +156,12 @@ class Ledger:
     # ---- AddCredits --------------------------------------------------------------------------
 
     async def add_credits(self, cmd: AddCreditsCommand, caller: Caller) -> GrantResult:
-        validation.validate_add_credits(cmd, self.clock.now_us())
-        _validate_caller(caller)
+        validation.validate_add_credits(cmd, self.clock.now_us(), caller)
+        assert cmd.source is not None, "validation requires a source"
         request = {
             "credit_type": cmd.credit_type,
             "amount": cmd.amount,
-            "source": cmd.source.value,
+            "source": cmd.source,
             "priority": cmd.priority,
             "effective_at_us": cmd.effective_at_us,
             "expires_at_us": cmd.expires_at_us,
@@ -215,6 +215,7 @@ class Ledger:
         wallet = await rows.lock_wallet(conn, cmd.account_id, cmd.credit_type)
         assert wallet is not None, "the wallet row was just upserted"
         now_us = self.clock.now_us()
+        assert cmd.source is not None, "validated before the transaction"
         unexpired = await _unexpired_total(conn, cmd.account_id, cmd.credit_type)
         if unexpired + cmd.amount > limits.WALLET_BALANCE_MAX:
             return BalanceLimitExceeded(
@@ -275,8 +276,7 @@ class Ledger:
     # ---- Reserve -----------------------------------------------------------------------------
 
     async def reserve(self, cmd: ReserveCommand, caller: Caller) -> ReservationResult:
-        validation.validate_reserve(cmd, self.settings.hold_ttl_seconds_max)
-        _validate_caller(caller)
+        validation.validate_reserve(cmd, self.settings.hold_ttl_seconds_max, caller)
         # request_id is a tracing label, not part of the request: a retry may carry a new one.
         request = {
             "credit_type": cmd.credit_type,
@@ -397,13 +397,11 @@ class Ledger:
     # ---- Commit / Release / hold expiry ------------------------------------------------------
 
     async def commit(self, cmd: CommitCommand, caller: Caller) -> ReservationResult:
-        validation.validate_commit(cmd)
-        _validate_caller(caller)
+        validation.validate_commit(cmd, caller)
         return await self._resolve(cmd.account_id, cmd.reservation_id, "commit", cmd.amount, caller)
 
     async def release(self, cmd: ReleaseCommand, caller: Caller) -> ReservationResult:
-        validation.validate_release(cmd)
-        _validate_caller(caller)
+        validation.validate_release(cmd, caller)
         return await self._resolve(cmd.account_id, cmd.reservation_id, "release", None, caller)
 
     async def _resolve(
@@ -762,12 +760,6 @@ class Ledger:
         await rows.append_entry(conn, entry)
         await rows.save_wallet(conn, account_id, credit_type, after)
         return entry
-
-
-def _validate_caller(caller: Caller) -> None:
-    v = validation.Violations()
-    validation.check_labels(v, caller.action, caller.request_id)
-    v.raise_if_any()
 
 
 def _system(caller: Caller) -> Caller:

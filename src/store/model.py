@@ -58,7 +58,8 @@ class AddCreditsCommand:
     credit_type: str
     amount: int
     idempotency_key: str
-    source: GrantSource
+    # None: the caller named no valid source; validation reports it with every other problem.
+    source: GrantSource | None
     priority: int | None = None
     effective_at_us: int | None = None
     expires_at_us: int | None = None

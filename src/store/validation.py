@@ -6,12 +6,14 @@ Each check appends a FieldViolation rather than raising, so a caller sees every 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 
 from store import limits
 from store.errors import FieldViolation, InvalidRequest
 from store.model import (
     AddCreditsCommand,
+    Caller,
     CommitCommand,
     HistoryQuery,
     ReleaseCommand,
@@ -130,7 +132,7 @@ def check_metadata(v: Violations, metadata: Mapping[str, str]) -> None:
         )
         if len(value) > limits.METADATA_VALUE_LENGTH_MAX:
             v.add(f"metadata[{key[:40]}]", f"value is {len(value)} characters; at most 256")
-        elif any(ch < " " or ch == "\x7f" for ch in value):
+        elif any(unicodedata.category(ch) == "Cc" for ch in value):  # C0, DEL and C1 controls
             v.add(f"metadata[{key[:40]}]", "value contains control characters")
 
 
@@ -146,8 +148,27 @@ def check_reservation_id(v: Violations, value: str) -> None:
     )
 
 
-def validate_add_credits(cmd: AddCreditsCommand, now_us: int) -> None:
+# google.protobuf.Timestamp's range, 0001-01-01 .. 9999-12-31, in microseconds.
+TIME_US_MIN = -62_135_596_800 * limits.MICROSECONDS_PER_SECOND
+TIME_US_MAX = 253_402_300_799 * limits.MICROSECONDS_PER_SECOND
+
+
+def check_time(v: Violations, field: str, value_us: int | None) -> bool:
+    if value_us is None or TIME_US_MIN <= value_us <= TIME_US_MAX:
+        return True
+    v.add(field, "is not a valid timestamp (0001-01-01..9999-12-31)")
+    return False
+
+
+def validate_add_credits(cmd: AddCreditsCommand, now_us: int, caller: Caller) -> None:
     v = Violations()
+    check_labels(v, caller.action, caller.request_id)
+    if cmd.source is None:
+        v.add(
+            "source",
+            "is required: purchase, subscription, promotion, signup, referral, "
+            "refund, admin or transfer",
+        )
     check_account_id(v, cmd.account_id)
     check_credit_type(v, cmd.credit_type)
     check_amount(v, cmd.amount, minimum=1)
@@ -164,6 +185,10 @@ def validate_add_credits(cmd: AddCreditsCommand, now_us: int) -> None:
     )
     if cmd.priority is not None and not limits.PRIORITY_MIN <= cmd.priority <= limits.PRIORITY_MAX:
         v.add("priority", f"is {cmd.priority}; must be between 0 and {limits.PRIORITY_MAX}")
+    if not check_time(v, "effective_at", cmd.effective_at_us) or not check_time(
+        v, "expires_at", cmd.expires_at_us
+    ):
+        v.raise_if_any()
     effective_at_us = now_us if cmd.effective_at_us is None else cmd.effective_at_us
     if not (
         now_us - limits.GRANT_EFFECTIVE_PAST_MAX_US
@@ -179,8 +204,9 @@ def validate_add_credits(cmd: AddCreditsCommand, now_us: int) -> None:
     v.raise_if_any()
 
 
-def validate_reserve(cmd: ReserveCommand, ttl_seconds_max: int) -> None:
+def validate_reserve(cmd: ReserveCommand, ttl_seconds_max: int, caller: Caller) -> None:
     v = Violations()
+    check_labels(v, caller.action, caller.request_id)
     check_account_id(v, cmd.account_id)
     check_credit_type(v, cmd.credit_type)
     check_amount(v, cmd.amount, minimum=1)
@@ -198,8 +224,9 @@ def validate_reserve(cmd: ReserveCommand, ttl_seconds_max: int) -> None:
     v.raise_if_any()
 
 
-def validate_commit(cmd: CommitCommand) -> None:
+def validate_commit(cmd: CommitCommand, caller: Caller) -> None:
     v = Violations()
+    check_labels(v, caller.action, caller.request_id)
     check_account_id(v, cmd.account_id)
     check_reservation_id(v, cmd.reservation_id)
     if cmd.amount is not None:
@@ -207,8 +234,9 @@ def validate_commit(cmd: CommitCommand) -> None:
     v.raise_if_any()
 
 
-def validate_release(cmd: ReleaseCommand) -> None:
+def validate_release(cmd: ReleaseCommand, caller: Caller) -> None:
     v = Violations()
+    check_labels(v, caller.action, caller.request_id)
     check_account_id(v, cmd.account_id)
     check_reservation_id(v, cmd.reservation_id)
     v.raise_if_any()
@@ -229,7 +257,8 @@ def validate_history(query: HistoryQuery) -> None:
         check_credit_type(v, query.credit_type)
     if len(query.kinds) > limits.HISTORY_KINDS_MAX:
         v.add("kinds", f"lists {len(query.kinds)} kinds; at most {limits.HISTORY_KINDS_MAX}")
-    if query.start_us is not None and query.end_us is not None:
+    times_ok = check_time(v, "start_time", query.start_us) & check_time(v, "end_time", query.end_us)
+    if times_ok and query.start_us is not None and query.end_us is not None:
         if query.end_us <= query.start_us:
             v.add("end_time", "must be after start_time")
         elif query.end_us - query.start_us > limits.HISTORY_SPAN_MAX_US:

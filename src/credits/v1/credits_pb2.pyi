@@ -393,7 +393,7 @@ class CommitRequest(_message.Message):
     account_id: _builtins.str
     """The account the reservation belongs to."""
     reservation_id: _builtins.str
-    """As returned by Reserve."""
+    """As returned by Reserve (at most 64 characters)."""
     amount: _builtins.int
     """Credits to charge, 0..reserved. Absent means all of the reservation."""
     def __init__(
@@ -446,7 +446,9 @@ class ReleaseRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
+    """The account the reservation belongs to."""
     reservation_id: _builtins.str
+    """As returned by Reserve (at most 64 characters)."""
     def __init__(
         self,
         *,
@@ -938,16 +940,16 @@ class HistoryRequest(_message.Message):
     credit_type: _builtins.str
     """Empty means every credit type of the account."""
     reservation_id: _builtins.str
-    """Only entries of this reservation."""
+    """Only entries of this reservation (at most 64 characters)."""
     action: _builtins.str
     """Only entries recorded with this action."""
     page_size: _builtins.int
     """1..500; 0 means 50."""
     page_token: _builtins.str
-    """From a previous response's next_page_token, with the same filters."""
+    """From a previous response's next_page_token, with the same filters (at most 512 characters)."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EntryKind.ValueType]:
-        """Only these kinds; empty means all."""
+        """Only these kinds (at most 16); empty means all."""
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
