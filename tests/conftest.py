@@ -7,17 +7,22 @@ ends with a journal audit of them; the session ends with an audit of the whole d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import pathlib
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 import pytest
+import redis as redis_sync
+import redis.asyncio as redis_asyncio
 from pg_cluster import throwaway_cluster
+from redis import exceptions as redis_exceptions
 from sqlalchemy.engine import make_url
 
 from credits.v1 import credits_pb2_grpc
@@ -29,11 +34,19 @@ from store.database import create_engine
 from store.ledger import Ledger, LedgerSettings
 from store.migrate import migrate
 
+T = TypeVar("T")
 REQUIRE_SERVICES = os.environ.get("CREDITS_REQUIRE_SERVICES") == "1"
 # 2027-01-15T08:00:00Z: a fixed start for tests that move time by hand.
 MANUAL_CLOCK_START_US = 1_800_000_000_000_000
 
 _skipped_postgres: list[str] = []
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine to completion on a fresh loop in another thread: session fixtures may be
+    first requested from inside a test's running event loop, where asyncio.run is refused."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def _admin_url_to(url: str, database: str) -> str:
@@ -107,25 +120,68 @@ def postgres_url(postgres_admin_url: str | None) -> Iterator[str]:
             pytest.fail(f"CREDITS_REQUIRE_SERVICES=1 but {message}", pytrace=False)
         pytest.skip(message)
     try:
-        url = asyncio.run(_create_database(postgres_admin_url))
+        url = run_sync(_create_database(postgres_admin_url))
     except (OSError, asyncpg.PostgresError) as error:
         message = f"PostgreSQL at CREDITS_TEST_POSTGRES_URL is unreachable: {error}"
         if REQUIRE_SERVICES:
             pytest.fail(f"CREDITS_REQUIRE_SERVICES=1 but {message}", pytrace=False)
         pytest.skip(message)
-    asyncio.run(_migrate_and_audit(url, check_audit=False))
+    run_sync(_migrate_and_audit(url, check_audit=False))
     yield url
-    asyncio.run(_migrate_and_audit(url, check_audit=True))
-    asyncio.run(_drop_database(postgres_admin_url, url))
+    run_sync(_migrate_and_audit(url, check_audit=True))
+    run_sync(_drop_database(postgres_admin_url, url))
+
+
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A reachable Redis (CREDITS_TEST_REDIS_URL, default the local one), or skip / fail."""
+    url = os.environ.get("CREDITS_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    # Synchronous client: this fixture may first be asked for from inside a running event loop.
+    client = redis_sync.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except (OSError, redis_exceptions.RedisError) as error:
+        message = f"Redis at {url} is unreachable ({error}); set CREDITS_TEST_REDIS_URL"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"CREDITS_REQUIRE_SERVICES=1 but {message}", pytrace=False)
+        pytest.skip(message)
+    finally:
+        client.close()
+    return url
+
+
+def new_redis_namespace() -> str:
+    return f"credits-test-{secrets.token_hex(5)}:"
+
+
+async def delete_redis_namespace(redis_url: str, namespace: str) -> None:
+    client = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_namespace(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix no other test uses; its keys are deleted when the test ends."""
+    namespace = new_redis_namespace()
+    yield namespace
+    await delete_redis_namespace(redis_url, namespace)
 
 
 @pytest.fixture(scope="session")
 def sqlite_url() -> Iterator[str]:
     directory = pathlib.Path(tempfile.mkdtemp(prefix="credits-sqlite-"))
     url = f"sqlite:///{directory / 'credits.db'}"
-    asyncio.run(_migrate_and_audit(url, check_audit=False))
+    run_sync(_migrate_and_audit(url, check_audit=False))
     yield url
-    asyncio.run(_migrate_and_audit(url, check_audit=True))
+    run_sync(_migrate_and_audit(url, check_audit=True))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -206,19 +262,26 @@ async def start_server(
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """With CREDITS_REQUIRE_SERVICES=1 (CI), a Postgres test may not be deselected by marker."""
-    if REQUIRE_SERVICES and not any(item.get_closest_marker("postgres") for item in items):
-        raise pytest.UsageError("CREDITS_REQUIRE_SERVICES=1 but no Postgres test was collected")
+    """With CREDITS_REQUIRE_SERVICES=1 (CI), Postgres and Redis tests may not be deselected."""
+    for service in ("postgres", "redis"):
+        if REQUIRE_SERVICES and not any(item.get_closest_marker(service) for item in items):
+            raise pytest.UsageError(
+                f"CREDITS_REQUIRE_SERVICES=1 but no {service} test was collected"
+            )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     skipped = terminalreporter.stats.get("skipped", [])
-    postgres_skips = [r for r in skipped if "postgres" in getattr(r, "keywords", {})]
-    if postgres_skips:
-        terminalreporter.write_sep(
-            "!",
-            f"{len(postgres_skips)} POSTGRES TESTS SKIPPED: no PostgreSQL was available. "
-            "Set CREDITS_TEST_POSTGRES_URL to run them.",
-            red=True,
-            bold=True,
-        )
+    for service, variable in (
+        ("postgres", "CREDITS_TEST_POSTGRES_URL"),
+        ("redis", "CREDITS_TEST_REDIS_URL"),
+    ):
+        skips = [r for r in skipped if service in getattr(r, "keywords", {})]
+        if skips:
+            terminalreporter.write_sep(
+                "!",
+                f"{len(skips)} {service.upper()} TESTS SKIPPED: no {service} server was reachable. "
+                f"Set {variable} to run them.",
+                red=True,
+                bold=True,
+            )

@@ -14,6 +14,7 @@ from server.config import ServerConfig
 from server.reflection_docs import DocumentedPool
 from server.service import SERVICE_NAME, CreditsService, generic_handler
 from store import limits
+from store.cache import BalanceCache, LocalBalanceCache, RedisBalanceCache
 from store.clock import Clock
 from store.database import PoolSettings, create_engine
 from store.errors import StoreUnavailable
@@ -30,6 +31,15 @@ class CreditsApp:
     def __init__(self, config: ServerConfig, clock: Clock | None = None) -> None:
         self.config = config
         self.engine = create_engine(config.database_url, PoolSettings(size=config.db_pool_size))
+        self.cache: BalanceCache = (
+            RedisBalanceCache(
+                config.redis_url,
+                namespace=config.redis_namespace,
+                timeout_ms=config.redis_timeout_ms,
+            )
+            if config.redis_url
+            else LocalBalanceCache()
+        )
         self.ledger = Ledger(
             self.engine,
             clock,
@@ -37,8 +47,8 @@ class CreditsApp:
                 hold_ttl_seconds_default=config.hold_ttl_seconds_default,
                 hold_ttl_seconds_max=config.hold_ttl_seconds_max,
             ),
+            cache=self.cache,
         )
-        # health.aio is the documented asyncio servicer; the package ships no type for it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(
             options=[
@@ -86,6 +96,7 @@ class CreditsApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.cache.close()
         await self.engine.dispose()
         log.info("stopped")
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from store import limits
+from store.cache import REDIS_TIMEOUT_MS_DEFAULT
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///var/credits.db"
@@ -25,6 +26,9 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     db_pool_size: int = 10
     reflection: bool = True
+    redis_url: str = ""
+    redis_namespace: str = "credits:"
+    redis_timeout_ms: int = REDIS_TIMEOUT_MS_DEFAULT
 
 
 def _env(name: str, default: str) -> str:
@@ -104,6 +108,24 @@ def parser() -> argparse.ArgumentParser:
         help="database connections per process (CREDITS_DB_POOL_SIZE, default 10)",
     )
     p.add_argument(
+        "--redis-url",
+        default=_env("CREDITS_REDIS_URL", ""),
+        help="redis://host:port/db for the balance cache (CREDITS_REDIS_URL); "
+        "without it each process keeps its own in-process cache",
+    )
+    p.add_argument(
+        "--redis-namespace",
+        default=_env("CREDITS_REDIS_NAMESPACE", "credits:"),
+        help="prefix of every cache key (CREDITS_REDIS_NAMESPACE, default credits:)",
+    )
+    p.add_argument(
+        "--redis-timeout-ms",
+        type=int,
+        default=int(_env("CREDITS_REDIS_TIMEOUT_MS", str(REDIS_TIMEOUT_MS_DEFAULT))),
+        help="give up on a cache call after this long and use the database "
+        f"(CREDITS_REDIS_TIMEOUT_MS, default {REDIS_TIMEOUT_MS_DEFAULT})",
+    )
+    p.add_argument(
         "--no-reflection",
         action="store_true",
         default=_flag(_env("CREDITS_DISABLE_REFLECTION", "0")),
@@ -125,7 +147,12 @@ def load(argv: list[str] | None = None) -> tuple[str, ServerConfig]:
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         db_pool_size=args.db_pool_size,
         reflection=not args.no_reflection,
+        redis_url=args.redis_url,
+        redis_namespace=args.redis_namespace,
+        redis_timeout_ms=args.redis_timeout_ms,
     )
+    if not 1 <= config.redis_timeout_ms <= 5000:
+        parser().error("--redis-timeout-ms must be between 1 and 5000")
     if not 0.05 <= config.sweep_interval_seconds <= 3600:
         parser().error("--sweep-interval-seconds must be between 0.05 and 3600")
     if not 1 <= config.db_pool_size <= 200:

@@ -151,6 +151,7 @@ def check_response(balance: Balance, amount: int) -> pb.CheckCreditsResponse:
         shortfall=max(0, amount - balance.available),
         account_status=ACCOUNT_STATUS_TO_PB[balance.account_status],
         as_of=timestamp(balance.as_of_us),
+        cached=balance.from_cache,
     )
 
 

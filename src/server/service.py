@@ -31,7 +31,7 @@ class CreditsService:
     async def CheckCredits(self, request: object, context: Context) -> pb.CheckCreditsResponse:  # noqa: N802
         async def work(r: pb.CheckCreditsRequest, request_id: str) -> pb.CheckCreditsResponse:
             balance = await self.ledger.check(
-                r.account_id, convert.credit_type(r.credit_type), r.amount
+                r.account_id, convert.credit_type(r.credit_type), r.amount, consistent=r.consistent
             )
             return convert.check_response(balance, r.amount)
 

@@ -11,6 +11,7 @@ not when the request started waiting.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
 from store.burndown import Lot, allocate, consume
+from store.cache import AccountSnapshot, BalanceCache, WalletSnapshot
 from store.clock import Clock, SystemClock
 from store.errors import (
     AccountLocked,
@@ -30,6 +32,7 @@ from store.errors import (
     LedgerError,
     ReservationNotFound,
     ReservationStateConflict,
+    StoreUnavailable,
 )
 from store.ids import new_id
 from store.model import (
@@ -81,6 +84,7 @@ class LedgerSettings:
             raise ValueError("idempotency keys must be kept at least 24 h (86400 s)")
 
 
+log = logging.getLogger(__name__)
 Resolution = Literal["commit", "release", "expire"]
 T = TypeVar("T")
 
@@ -98,34 +102,59 @@ class Ledger:
         engine: AsyncEngine,
         clock: Clock | None = None,
         settings: LedgerSettings | None = None,
+        cache: BalanceCache | None = None,
     ) -> None:
         self.engine = engine
+        self.cache = cache
         self.clock: Clock = clock or SystemClock()
         self.settings = settings or LedgerSettings()
         self.transactor = Transactor(engine)
 
     # ---- reads -------------------------------------------------------------------------------
 
-    async def check(self, account_id: str, credit_type: str, amount: int = 0) -> Balance:
+    async def check(
+        self, account_id: str, credit_type: str, amount: int = 0, *, consistent: bool = False
+    ) -> Balance:
+        """Balances for CheckCredits: from the cache when it holds a current snapshot (unless
+        `consistent`), else from the database, refilling the cache. Never used to decide a
+        reservation (DESIGN.md invariant 5)."""
         validation.validate_check(account_id, credit_type, amount)
+        if self.cache is not None and not consistent:
+            wallet, account = await self.cache.get(account_id, credit_type)
+            if wallet is not None and account is not None:
+                if self.clock.now_us() < wallet.valid_until_us:
+                    self.cache.counters.hits += 1
+                    return _balance(account_id, credit_type, wallet, account, from_cache=True)
+                self.cache.counters.stale += 1
+            else:
+                self.cache.counters.misses += 1
+        wallet, account = await self._read_snapshots(account_id, credit_type)
+        if self.cache is not None:
+            await self.cache.put_wallet(account_id, credit_type, wallet)
+            await self.cache.put_account(account_id, account)
+        return _balance(account_id, credit_type, wallet, account, from_cache=False)
 
-        async def work(conn: AsyncConnection) -> Balance:
-            now_us = self.clock.now_us()
-            reserved = await conn.scalar(
-                select(wallets.c.reserved).where(
-                    wallets.c.account_id == account_id, wallets.c.credit_type == credit_type
-                )
-            )
-            return Balance(
-                account_id=account_id,
-                credit_type=credit_type,
-                available=await rows.available(conn, account_id, credit_type, now_us),
-                reserved=int(reserved or 0),
-                account_status=await rows.account_status(conn, account_id),
-                as_of_us=now_us,
-            )
+    async def _read_snapshots(
+        self, account_id: str, credit_type: str
+    ) -> tuple[WalletSnapshot, AccountSnapshot]:
+        async def work(conn: AsyncConnection) -> tuple[WalletSnapshot, AccountSnapshot]:
+            return await rows.read_snapshots(conn, account_id, credit_type, self.clock.now_us())
 
         return await self.transactor.read(work)
+
+    async def _refresh(self, account_id: str, credit_type: str) -> None:
+        """Refreshes the cached snapshot after a committed change. Best effort: the change is
+        already durable, so a failure here must not fail the call; the snapshot's bounded life
+        and its version keep a missed refresh harmless."""
+        if self.cache is None:
+            return
+        try:
+            wallet, account = await self._read_snapshots(account_id, credit_type)
+        except StoreUnavailable:
+            log.warning("cache refresh skipped: database unavailable after commit")
+            return
+        await self.cache.put_wallet(account_id, credit_type, wallet)
+        await self.cache.put_account(account_id, account)
 
     async def get_grant(self, account_id: str, grant_id: str) -> Grant | None:
         async def work(conn: AsyncConnection) -> Grant | None:
@@ -185,7 +214,9 @@ class Ledger:
             await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
             return outcome
 
-        return _finish(await self.transactor.write(work))
+        outcome = await self.transactor.write(work)
+        await self._refresh(cmd.account_id, cmd.credit_type)
+        return _finish(outcome)
 
     async def _add_credits(
         self, conn: AsyncConnection, cmd: AddCreditsCommand, caller: Caller
@@ -296,7 +327,10 @@ class Ledger:
             await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
             return outcome
 
-        return _finish(await self.transactor.write(work))
+        outcome = await self.transactor.write(work)
+        if isinstance(outcome, ReservationResult):
+            await self._refresh(cmd.account_id, cmd.credit_type)
+        return _finish(outcome)
 
     async def _reserve(
         self, conn: AsyncConnection, cmd: ReserveCommand, caller: Caller
@@ -412,6 +446,8 @@ class Ledger:
         amount: int | None,
         caller: Caller,
     ) -> ReservationResult:
+        touched_credit_types: list[str] = []
+
         async def work(conn: AsyncConnection) -> ReservationResult | LedgerError:
             credit_type = await conn.scalar(
                 select(reservations.c.credit_type).where(
@@ -421,6 +457,7 @@ class Ledger:
             )
             if credit_type is None:
                 return ReservationNotFound(account_id, reservation_id)
+            touched_credit_types[:] = [credit_type]
             wallet = await rows.lock_wallet(conn, account_id, credit_type)
             assert wallet is not None, "a reservation's wallet exists"
             now_us = self.clock.now_us()
@@ -454,7 +491,10 @@ class Ledger:
                 conn, wallet, reservation, resolution, consumed, now_us, caller
             )
 
-        return _finish(await self.transactor.write(work))
+        outcome = await self.transactor.write(work)
+        if touched_credit_types:
+            await self._refresh(account_id, touched_credit_types[0])
+        return _finish(outcome)
 
     async def _settle(
         self,
@@ -612,7 +652,9 @@ class Ledger:
                 await self._settle(conn, wallet, reservation, "expire", 0, at_us, _system(Caller()))
                 return True
 
-            expired += await self.transactor.write(expire)
+            if await self.transactor.write(expire):
+                expired += 1
+                await self._refresh(account_id, credit_type)
         return expired
 
     async def sweep_expired_grants(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
@@ -676,7 +718,10 @@ class Ledger:
                     count += 1
                 return count
 
-            expired += await self.transactor.write(expire)
+            count = await self.transactor.write(expire)
+            if count:
+                expired += count
+                await self._refresh(account_id, credit_type)
         return expired
 
     async def prune_idempotency_keys(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
@@ -704,16 +749,25 @@ class Ledger:
                 .values(
                     account_id=account_id,
                     status=status.value,
+                    # 1, not 0: version 0 is what a cache holds for an account with no row.
+                    status_version=1,
                     created_at_us=now_us,
                     updated_at_us=now_us,
                 )
                 .on_conflict_do_update(
                     index_elements=["account_id"],
-                    set_={"status": status.value, "updated_at_us": now_us},
+                    set_={
+                        "status": status.value,
+                        "status_version": accounts.c.status_version + 1,
+                        "updated_at_us": now_us,
+                    },
                 )
             )
 
         await self.transactor.write(work)
+        if self.cache is not None:
+            # Any wallet's read carries the account snapshot; the default one will do.
+            await self._refresh(account_id, limits.CREDIT_TYPE_DEFAULT)
 
     # ---- journal -----------------------------------------------------------------------------
 
@@ -760,6 +814,25 @@ class Ledger:
         await rows.append_entry(conn, entry)
         await rows.save_wallet(conn, account_id, credit_type, after)
         return entry
+
+
+def _balance(
+    account_id: str,
+    credit_type: str,
+    wallet: WalletSnapshot,
+    account: AccountSnapshot,
+    *,
+    from_cache: bool,
+) -> Balance:
+    return Balance(
+        account_id=account_id,
+        credit_type=credit_type,
+        available=wallet.available,
+        reserved=wallet.reserved,
+        account_status=account.status,
+        as_of_us=wallet.as_of_us,
+        from_cache=from_cache,
+    )
 
 
 def _system(caller: Caller) -> Caller:

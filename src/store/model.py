@@ -192,6 +192,8 @@ class Balance:
     reserved: int
     account_status: AccountStatus
     as_of_us: int
+    # Served from a cached snapshot (read from the database at as_of_us) rather than just now.
+    from_cache: bool = False
 
     @property
     def balance(self) -> int:

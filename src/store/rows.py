@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, func, insert, or_, select, update
+from sqlalchemy import Row, and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from store import codec
 from store.burndown import Lot
+from store.cache import AccountSnapshot, WalletSnapshot
 from store.model import (
     AccountStatus,
     EntryKind,
@@ -232,3 +233,70 @@ async def append_entry(conn: AsyncConnection, entry: JournalEntry) -> None:
             grant_effects_json=codec.effects_to_json(entry.grant_effects),
         )
     )
+
+
+# "Never changes by itself": far beyond any timestamp the limits allow.
+NO_SCHEDULED_CHANGE_US = 2**62
+
+
+async def read_snapshots(
+    conn: AsyncConnection, account_id: str, credit_type: str, now_us: int
+) -> tuple[WalletSnapshot, AccountSnapshot]:
+    """The wallet's balances and the account's status, in one statement (one consistent read).
+
+    valid_until_us is the next instant the available amount changes with time alone: the
+    earliest future effective_at, or expires_at of a live grant with credits remaining.
+    """
+    in_wallet = and_(
+        grants.c.account_id == account_id,
+        grants.c.credit_type == credit_type,
+        grants.c.remaining > 0,
+    )
+    live_remaining = (
+        select(func.coalesce(func.sum(grants.c.remaining), 0))
+        .where(in_wallet, live_condition(now_us))
+        .scalar_subquery()
+    )
+    next_change = (
+        select(
+            func.min(
+                case(
+                    (grants.c.effective_at_us > now_us, grants.c.effective_at_us),
+                    (grants.c.expires_at_us > now_us, grants.c.expires_at_us),
+                    else_=None,
+                )
+            )
+        )
+        .where(in_wallet)
+        .scalar_subquery()
+    )
+    wallet_row = (wallets.c.account_id == account_id) & (wallets.c.credit_type == credit_type)
+    row = (
+        await conn.execute(
+            select(
+                select(wallets.c.last_sequence).where(wallet_row).scalar_subquery(),
+                select(wallets.c.reserved).where(wallet_row).scalar_subquery(),
+                live_remaining,
+                next_change,
+                select(accounts.c.status)
+                .where(accounts.c.account_id == account_id)
+                .scalar_subquery(),
+                select(accounts.c.status_version)
+                .where(accounts.c.account_id == account_id)
+                .scalar_subquery(),
+            )
+        )
+    ).one()
+    version, reserved, available_now, next_change_us, status, status_version = row
+    wallet = WalletSnapshot(
+        version=int(version or 0),
+        available=int(available_now),
+        reserved=int(reserved or 0),
+        valid_until_us=NO_SCHEDULED_CHANGE_US if next_change_us is None else int(next_change_us),
+        as_of_us=now_us,
+    )
+    account = AccountSnapshot(
+        version=int(status_version or 0),
+        status=AccountStatus.ACTIVE if status is None else AccountStatus(status),
+    )
+    return wallet, account

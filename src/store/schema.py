@@ -39,6 +39,8 @@ accounts = Table(
     metadata,
     Column("account_id", ACCOUNT_ID, primary_key=True),
     Column("status", String(16), nullable=False),
+    # Incremented on every status change: the version of the status copies in the cache.
+    Column("status_version", BigInteger, nullable=False, server_default="0"),
     Column("created_at_us", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
     CheckConstraint("status IN ('active', 'locked')", name="status"),

@@ -226,7 +226,7 @@ class CheckCreditsRequest(_message.Message):
     amount: _builtins.int
     """Credits the caller wants to spend, 0..1,000,000,000,000. 0 just reads the balances."""
     consistent: _builtins.bool
-    """Read from the database instead of the balance cache."""
+    """Read from the database instead of the balance cache (and refresh the cache)."""
     def __init__(
         self,
         *,
@@ -254,6 +254,7 @@ class CheckCreditsResponse(_message.Message):
     SHORTFALL_FIELD_NUMBER: _builtins.int
     ACCOUNT_STATUS_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """available >= amount and the account is not locked."""
     available: _builtins.int
@@ -262,9 +263,13 @@ class CheckCreditsResponse(_message.Message):
     shortfall: _builtins.int
     """max(0, amount - available)."""
     account_status: Global___AccountStatus.ValueType
+    cached: _builtins.bool
+    """Served from the balance cache (a copy as of `as_of`, never older than the last change the
+    server saw commit) rather than read from the database for this call.
+    """
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp:
-        """Server time the balances were read at."""
+        """Server time the balances were read from the database at."""
 
     def __init__(
         self,
@@ -276,10 +281,11 @@ class CheckCreditsResponse(_message.Message):
         shortfall: _builtins.int = ...,
         account_status: Global___AccountStatus.ValueType = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_status", b"account_status", "allowed", b"allowed", "as_of", b"as_of", "available", b"available", "balance", b"balance", "reserved", b"reserved", "shortfall", b"shortfall"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_status", b"account_status", "allowed", b"allowed", "as_of", b"as_of", "available", b"available", "balance", b"balance", "cached", b"cached", "reserved", b"reserved", "shortfall", b"shortfall"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,272 @@
+"""Balance snapshots for fast reads: Redis when configured, in-process otherwise.
+
+Postgres is the only source of truth; the cache holds copies that only CheckCredits reads
+(DESIGN.md invariant 5: Reserve, Commit and Release never look at it).
+
+Correctness rules:
+- A wallet snapshot carries its version (the wallet's last journal sequence). Writes are
+  compare-and-set: an older snapshot never replaces a newer one, whatever order concurrent
+  refreshes arrive in.
+- Available credits change with time alone (a grant becomes effective or expires), so a snapshot
+  carries `valid_until_us`, the next such instant; from then on it is not served.
+- Account status has its own versioned snapshot, since one status covers every wallet.
+- Snapshots expire after a bounded time, so a refresh lost while Redis was unreachable cannot
+  leave a stale copy behind for long.
+- A slow or unreachable Redis never fails a call: the read falls back to the database, the
+  failure is counted and logged at most once per interval, and Redis is skipped for a short
+  back-off before it is tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as redis_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from store.model import AccountStatus
+
+log = logging.getLogger(__name__)
+
+# How long a snapshot lives in the cache, whatever happens to refreshes.
+REDIS_SNAPSHOT_TTL_MS = 60_000
+# Without Redis each replica has its own copy; a short life bounds how stale another replica's
+# copy can be when several replicas share a database without Redis.
+LOCAL_SNAPSHOT_TTL_MS = 5_000
+LOCAL_ENTRIES_MAX = 100_000
+# After a Redis failure, skip Redis for this long before trying again.
+REDIS_BACKOFF_MS = 1_000
+# Log a Redis failure at most once per this interval (they are counted every time).
+FAILURE_LOG_INTERVAL_SECONDS = 10.0
+REDIS_TIMEOUT_MS_DEFAULT = 50
+REDIS_CONNECTIONS_MAX = 32
+
+
+@dataclass(frozen=True)
+class WalletSnapshot:
+    version: int
+    available: int
+    reserved: int
+    valid_until_us: int
+    as_of_us: int
+
+    def encode(self) -> str:
+        return (
+            f"{self.version}|{self.available}|{self.reserved}|{self.valid_until_us}|{self.as_of_us}"
+        )
+
+    @staticmethod
+    def decode(raw: str) -> WalletSnapshot:
+        version, available, reserved, valid_until_us, as_of_us = (int(x) for x in raw.split("|"))
+        return WalletSnapshot(version, available, reserved, valid_until_us, as_of_us)
+
+
+@dataclass(frozen=True)
+class AccountSnapshot:
+    version: int
+    status: AccountStatus
+
+    def encode(self) -> str:
+        return f"{self.version}|{self.status.value}"
+
+    @staticmethod
+    def decode(raw: str) -> AccountSnapshot:
+        version, status = raw.split("|")
+        return AccountSnapshot(int(version), AccountStatus(status))
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    errors: int = 0
+    writes: int = 0
+    writes_refused_as_older: int = 0
+
+
+class BalanceCache(Protocol):
+    counters: CacheCounters
+
+    async def get(
+        self, account_id: str, credit_type: str
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]: ...
+
+    async def put_wallet(
+        self, account_id: str, credit_type: str, snapshot: WalletSnapshot
+    ) -> None: ...
+
+    async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _newer_or_equal(current: str | None, version: int) -> bool:
+    return current is None or int(current.split("|", 1)[0]) <= version
+
+
+@dataclass
+class LocalBalanceCache:
+    """In-process snapshots (LRU-bounded) for when no Redis is configured."""
+
+    counters: CacheCounters = field(default_factory=CacheCounters)
+    entries_max: int = LOCAL_ENTRIES_MAX
+    ttl_ms: int = LOCAL_SNAPSHOT_TTL_MS
+    _entries: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)
+
+    def _get(self, key: str) -> str | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        raw, expires_at = found
+        if time.monotonic() >= expires_at:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return raw
+
+    def _put(self, key: str, raw: str, version: int) -> None:
+        if not _newer_or_equal(self._get(key), version):
+            self.counters.writes_refused_as_older += 1
+            return
+        self._entries[key] = (raw, time.monotonic() + self.ttl_ms / 1000)
+        self._entries.move_to_end(key)
+        self.counters.writes += 1
+        while len(self._entries) > self.entries_max:
+            self._entries.popitem(last=False)
+
+    async def get(
+        self, account_id: str, credit_type: str
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        wallet = self._get(wallet_key("", account_id, credit_type))
+        account = self._get(account_key("", account_id))
+        return (
+            None if wallet is None else WalletSnapshot.decode(wallet),
+            None if account is None else AccountSnapshot.decode(account),
+        )
+
+    async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:
+        self._put(wallet_key("", account_id, credit_type), snapshot.encode(), snapshot.version)
+
+    async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
+        self._put(account_key("", account_id), snapshot.encode(), snapshot.version)
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+
+def wallet_key(namespace: str, account_id: str, credit_type: str) -> str:
+    # The braces make Redis Cluster keep an account's keys in one slot.
+    return f"{namespace}{{{account_id}}}:w:{credit_type}"
+
+
+def account_key(namespace: str, account_id: str) -> str:
+    return f"{namespace}{{{account_id}}}:a"
+
+
+# Compare-and-set on the version prefix "<version>|...": only a newer or equal version replaces.
+_CAS_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local version = tonumber(string.match(current, '^(%d+)|'))
+  if version and version > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+class RedisBalanceCache:
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "credits:",
+        timeout_ms: int = REDIS_TIMEOUT_MS_DEFAULT,
+        ttl_ms: int = REDIS_SNAPSHOT_TTL_MS,
+    ) -> None:
+        self.counters = CacheCounters()
+        self.namespace = namespace
+        self.ttl_ms = ttl_ms
+        # A blocking pool: a burst of calls waits (at most the timeout) for one of a bounded
+        # number of connections instead of failing over to the database.
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS_MAX,
+            timeout=timeout_ms / 1000,
+            socket_timeout=timeout_ms / 1000,
+            socket_connect_timeout=timeout_ms / 1000,
+            decode_responses=True,
+        )
+        # No retries: retrying would multiply what a slow Redis costs; the database answers.
+        self._client = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        self._cas = self._client.register_script(_CAS_SCRIPT)
+        self._skip_until = 0.0
+        self._last_failure_log = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        self.counters.errors += 1
+        now = time.monotonic()
+        self._skip_until = now + REDIS_BACKOFF_MS / 1000
+        if now - self._last_failure_log >= FAILURE_LOG_INTERVAL_SECONDS:
+            self._last_failure_log = now
+            log.warning(
+                "redis %s failed (%s: %s); serving from the database",
+                operation,
+                type(error).__name__,
+                error,
+                extra={"fields": {"redis_errors_total": self.counters.errors}},
+            )
+
+    async def get(
+        self, account_id: str, credit_type: str
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        if not self._available():
+            return None, None
+        try:
+            wallet, account = await self._client.mget(
+                wallet_key(self.namespace, account_id, credit_type),
+                account_key(self.namespace, account_id),
+            )
+        except Exception as error:  # noqa: BLE001 - any cache failure falls back to the database
+            self._failed("read", error)
+            return None, None
+        # decode_responses=True: the client returns str.
+        return (
+            None if wallet is None else WalletSnapshot.decode(str(wallet)),
+            None if account is None else AccountSnapshot.decode(str(account)),
+        )
+
+    async def _put(self, key: str, raw: str, version: int) -> None:
+        if not self._available():
+            return
+        try:
+            stored = await self._cas(keys=[key], args=[version, raw, self.ttl_ms])
+        except Exception as error:  # noqa: BLE001 - any cache failure falls back to the database
+            self._failed("write", error)
+            return
+        if stored:
+            self.counters.writes += 1
+        else:
+            self.counters.writes_refused_as_older += 1
+
+    async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:
+        await self._put(
+            wallet_key(self.namespace, account_id, credit_type), snapshot.encode(), snapshot.version
+        )
+
+    async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
+        await self._put(
+            account_key(self.namespace, account_id), snapshot.encode(), snapshot.version
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()

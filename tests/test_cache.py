@@ -1,0 +1,254 @@
+"""The balance cache: fast copies that never outrank the database (DESIGN.md invariant 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from conftest import REQUIRE_SERVICES, delete_redis_namespace, new_redis_namespace
+from processes import free_port
+
+from credits.v1 import credits_pb2 as pb
+from store import limits
+from store.audit import audit
+from store.cache import (
+    BalanceCache,
+    LocalBalanceCache,
+    RedisBalanceCache,
+    WalletSnapshot,
+)
+from store.clock import ManualClock
+from store.database import create_engine
+from store.ledger import Ledger
+from store.model import (
+    AccountStatus,
+    AddCreditsCommand,
+    Caller,
+    CommitCommand,
+    GrantSource,
+    ReserveCommand,
+)
+
+Accounts = Callable[[str], str]
+pytestmark = pytest.mark.redis
+CALLER = Caller()
+
+
+@pytest.fixture(params=["redis", "local"])
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[BalanceCache]:
+    if request.param == "local":
+        yield LocalBalanceCache()
+        return
+    url = request.getfixturevalue("redis_url")
+    namespace = new_redis_namespace()
+    redis_cache = RedisBalanceCache(url, namespace=namespace, timeout_ms=1000)
+    yield redis_cache
+    await redis_cache.close()
+    await delete_redis_namespace(url, namespace)
+
+
+@pytest.fixture
+async def cached_ledger(
+    database_url: str, clock: ManualClock, cache: BalanceCache, accounts: Accounts
+) -> AsyncIterator[Ledger]:
+    engine = create_engine(database_url)
+    try:
+        yield Ledger(engine, clock, cache=cache)
+        report = await audit(engine, accounts.prefix)  # type: ignore[attr-defined]
+        assert report.clean, "\n".join(map(str, report.mismatches))
+    finally:
+        await engine.dispose()
+
+
+async def grant(ledger: Ledger, account: str, amount: int, key: str, **kw: Any) -> None:
+    await ledger.add_credits(
+        AddCreditsCommand(account, "default", amount, key, GrantSource.PURCHASE, **kw), CALLER
+    )
+
+
+async def test_an_older_snapshot_never_replaces_a_newer_one(cache: BalanceCache) -> None:
+    versions = list(range(1, 201))
+    random.Random(7).shuffle(versions)
+    await asyncio.gather(
+        *(
+            cache.put_wallet("acct", "default", WalletSnapshot(v, v * 10, 0, 2**62, v))
+            for v in versions
+        )
+    )
+    wallet, _ = await cache.get("acct", "default")
+    assert wallet == WalletSnapshot(200, 2000, 0, 2**62, 200)
+    await cache.put_wallet("acct", "default", WalletSnapshot(199, 1, 1, 2**62, 1))
+    assert (await cache.get("acct", "default"))[0] == wallet
+    assert cache.counters.writes_refused_as_older >= 1
+
+
+async def test_concurrent_spending_leaves_the_cache_equal_to_the_database(
+    cached_ledger: Ledger, accounts: Accounts
+) -> None:
+    a = accounts("a")
+    await grant(cached_ledger, a, 1000, "g")
+
+    async def spend(i: int) -> None:
+        result = await cached_ledger.reserve(ReserveCommand(a, "default", 7, f"r{i}"), CALLER)
+        if i % 3:
+            await cached_ledger.commit(
+                CommitCommand(a, result.reservation.reservation_id, i % 7), CALLER
+            )
+
+    await asyncio.gather(*(spend(i) for i in range(60)))
+    cached = await cached_ledger.check(a, "default")
+    fresh = await cached_ledger.check(a, "default", consistent=True)
+    assert cached.from_cache and not fresh.from_cache
+    assert (cached.available, cached.reserved) == (fresh.available, fresh.reserved)
+
+
+async def test_a_change_refreshes_the_snapshot_so_the_next_check_is_a_current_hit(
+    cached_ledger: Ledger, accounts: Accounts
+) -> None:
+    a = accounts("a")
+    await grant(cached_ledger, a, 100, "g")
+    await cached_ledger.reserve(ReserveCommand(a, "default", 30, "r"), CALLER)
+    balance = await cached_ledger.check(a, "default")
+    assert balance.from_cache
+    assert (balance.available, balance.reserved) == (70, 30)
+
+
+async def test_a_sweep_refreshes_the_snapshot(
+    cached_ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    a = accounts("a")
+    await grant(cached_ledger, a, 100, "g")
+    await cached_ledger.reserve(ReserveCommand(a, "default", 30, "r", ttl_seconds=5), CALLER)
+    clock.advance_seconds(6)
+    while await cached_ledger.sweep_expired_holds():
+        pass
+    balance = await cached_ledger.check(a, "default")
+    assert balance.from_cache, "the sweep wrote a fresh snapshot"
+    assert (balance.available, balance.reserved) == (100, 0)
+
+
+async def test_a_snapshot_is_not_served_once_a_grant_expires(
+    cached_ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    a = accounts("a")
+    await grant(cached_ledger, a, 50, "g", expires_at_us=clock.now_us() + 60 * 1_000_000)
+    assert (await cached_ledger.check(a, "default")).available == 50
+    clock.advance_seconds(60)  # no write happens: only time passes
+    balance = await cached_ledger.check(a, "default")
+    assert not balance.from_cache
+    assert balance.available == 0
+
+
+async def test_a_future_grant_becomes_visible_when_it_takes_effect(
+    cached_ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    a = accounts("a")
+    await grant(cached_ledger, a, 50, "g", effective_at_us=clock.now_us() + 30 * 1_000_000)
+    assert (await cached_ledger.check(a, "default")).available == 0
+    clock.advance_seconds(30)
+    assert (await cached_ledger.check(a, "default")).available == 50
+
+
+async def test_locking_an_account_reaches_the_cache(
+    cached_ledger: Ledger, accounts: Accounts
+) -> None:
+    a = accounts("a")
+    await grant(cached_ledger, a, 50, "g")
+    assert (await cached_ledger.check(a, "default")).account_status is AccountStatus.ACTIVE
+    await cached_ledger.set_account_status(a, AccountStatus.LOCKED)
+    assert (await cached_ledger.check(a, "default")).account_status is AccountStatus.LOCKED
+    unknown = accounts("never-granted")
+    assert (await cached_ledger.check(unknown, "default")).account_status is AccountStatus.ACTIVE
+    await cached_ledger.set_account_status(unknown, AccountStatus.LOCKED)
+    assert (await cached_ledger.check(unknown, "default")).account_status is AccountStatus.LOCKED
+
+
+@pytest.fixture
+def private_redis() -> Any:
+    """A Redis server of this test's own, so the test can kill it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("CREDITS_REQUIRE_SERVICES=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    yield process, f"redis://127.0.0.1:{port}/0"
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+
+
+@pytest.mark.slow
+async def test_redis_killed_mid_run_check_keeps_answering_from_the_database(
+    start_server: Any, database_url: str, accounts: Accounts, private_redis: Any
+) -> None:
+    process, url = private_redis
+    for _ in range(50):  # wait for the private server to accept connections
+        try:
+            probe = RedisBalanceCache(url, timeout_ms=200)
+            await probe._client.ping()
+            await probe.close()
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            await asyncio.sleep(0.1)
+    server = await start_server(database_url, redis_url=url)
+    account = accounts("a")
+    await server.stub.AddCredits(
+        pb.AddCreditsRequest(
+            account_id=account, amount=100, idempotency_key="g", source=pb.GRANT_SOURCE_PURCHASE
+        )
+    )
+    first = await server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account, amount=5))
+    assert first.cached and first.allowed
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    expected_available = 100
+    for i in range(30):
+        response = await server.stub.CheckCredits(
+            pb.CheckCreditsRequest(account_id=account, amount=5), timeout=5
+        )
+        assert not response.cached
+        assert (response.available, response.allowed) == (expected_available, True)
+        if i == 10:  # writes keep working too, and the reads see them
+            await server.stub.Reserve(
+                pb.ReserveRequest(account_id=account, amount=40, idempotency_key="r")
+            )
+            expected_available = 60
+    final = await server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account))
+    assert (final.available, final.reserved) == (60, 40)
+    assert server.app.cache.counters.errors >= 1
+
+
+async def test_check_reports_whether_it_came_from_the_cache(
+    start_server: Any, sqlite_url: str, accounts: Accounts
+) -> None:
+    server = await start_server(sqlite_url)  # no Redis: the in-process cache serves
+    account = accounts("a")
+    await server.stub.AddCredits(
+        pb.AddCreditsRequest(
+            account_id=account, amount=10, idempotency_key="g", source=pb.GRANT_SOURCE_PURCHASE
+        )
+    )
+    assert (await server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account))).cached
+    consistent = await server.stub.CheckCredits(
+        pb.CheckCreditsRequest(account_id=account, consistent=True)
+    )
+    assert not consistent.cached and consistent.available == 10
+
+
+def test_the_cache_ttls_are_bounded() -> None:
+    from store import cache as cache_module
+
+    assert 0 < cache_module.LOCAL_SNAPSHOT_TTL_MS <= 60_000
+    assert 0 < cache_module.REDIS_SNAPSHOT_TTL_MS <= 3_600_000
+    assert limits.HOLD_TTL_SECONDS_MIN >= 1
