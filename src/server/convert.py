@@ -13,6 +13,8 @@ from store.model import (
     AccountStatus,
     AddCreditsCommand,
     Balance,
+    ClawBackCommand,
+    ClawBackResult,
     CommitCommand,
     EntryKind,
     Grant,
@@ -44,6 +46,7 @@ KIND_FROM_PB = {
     pb.ENTRY_KIND_RELEASE: EntryKind.RELEASE,
     pb.ENTRY_KIND_HOLD_EXPIRY: EntryKind.HOLD_EXPIRY,
     pb.ENTRY_KIND_GRANT_EXPIRY: EntryKind.GRANT_EXPIRY,
+    pb.ENTRY_KIND_CLAWBACK: EntryKind.CLAWBACK,
 }
 KIND_TO_PB = {v: k for k, v in KIND_FROM_PB.items()}
 STATUS_TO_PB = {
@@ -56,6 +59,7 @@ ACCOUNT_STATUS_TO_PB = {
     AccountStatus.ACTIVE: pb.ACCOUNT_STATUS_ACTIVE,
     AccountStatus.LOCKED: pb.ACCOUNT_STATUS_LOCKED,
 }
+ACCOUNT_STATUS_FROM_PB = {v: k for k, v in ACCOUNT_STATUS_TO_PB.items()}
 
 
 def credit_type(value: str) -> str:
@@ -171,6 +175,7 @@ def grant_message(grant: Grant) -> pb.Grant:
         external_ref=grant.external_ref,
         metadata=dict(grant.metadata),
         created_at=timestamp(grant.created_at_us),
+        clawed_back=grant.clawed_back,
     )
     if grant.expires_at_us is not None:
         message.expires_at.CopyFrom(timestamp(grant.expires_at_us))
@@ -225,6 +230,7 @@ def entry_message(entry: JournalEntry) -> pb.JournalEntry:
                 held_delta=e.held_delta,
                 consumed_delta=e.consumed_delta,
                 expired_delta=e.expired_delta,
+                clawed_back_delta=e.clawed_back_delta,
             )
             for e in entry.grant_effects
         ],
@@ -235,3 +241,32 @@ def history_response(page: HistoryPage) -> pb.HistoryResponse:
     return pb.HistoryResponse(
         entries=[entry_message(e) for e in page.entries], next_page_token=page.next_page_token
     )
+
+
+def account_status(request: pb.SetAccountStatusRequest) -> AccountStatus:
+    status = ACCOUNT_STATUS_FROM_PB.get(request.status)
+    if status is None:
+        raise InvalidRequest(
+            [FieldViolation("status", "must be ACCOUNT_STATUS_ACTIVE or ACCOUNT_STATUS_LOCKED")]
+        )
+    return status
+
+
+def claw_back_command(request: pb.ClawBackRequest) -> ClawBackCommand:
+    return ClawBackCommand(
+        account_id=request.account_id,
+        grant_id=request.grant_id,
+        amount=request.amount,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def claw_back_response(result: ClawBackResult) -> pb.ClawBackResponse:
+    response = pb.ClawBackResponse(
+        grant=grant_message(result.grant),
+        amount_clawed_back=result.amount_clawed_back,
+        shortfall=result.shortfall,
+    )
+    if result.entry is not None:
+        response.entry.CopyFrom(entry_message(result.entry))
+    return response

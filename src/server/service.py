@@ -87,6 +87,32 @@ class CreditsService:
 
         return await run_rpc("History", request, context, work)
 
+    async def SetAccountStatus(  # noqa: N802
+        self, request: object, context: Context
+    ) -> pb.SetAccountStatusResponse:
+        async def work(
+            r: pb.SetAccountStatusRequest, request_id: str
+        ) -> pb.SetAccountStatusResponse:
+            change = await self.ledger.set_account_status(
+                r.account_id, convert.account_status(r), r.reason, _caller(request_id)
+            )
+            return pb.SetAccountStatusResponse(
+                account_id=change.account_id,
+                status=convert.ACCOUNT_STATUS_TO_PB[change.status],
+                changed=change.changed,
+            )
+
+        return await run_rpc("SetAccountStatus", request, context, work)
+
+    async def ClawBack(self, request: object, context: Context) -> pb.ClawBackResponse:  # noqa: N802
+        async def work(r: pb.ClawBackRequest, request_id: str) -> pb.ClawBackResponse:
+            result = await self.ledger.claw_back(
+                convert.claw_back_command(r), _caller(request_id, r.action, r.request_id)
+            )
+            return convert.claw_back_response(result)
+
+        return await run_rpc("ClawBack", request, context, work)
+
 
 _METHODS: dict[str, tuple[Any, Any]] = {
     "CheckCredits": (pb.CheckCreditsRequest, pb.CheckCreditsResponse),
@@ -95,6 +121,8 @@ _METHODS: dict[str, tuple[Any, Any]] = {
     "Release": (pb.ReleaseRequest, pb.ReleaseResponse),
     "AddCredits": (pb.AddCreditsRequest, pb.AddCreditsResponse),
     "History": (pb.HistoryRequest, pb.HistoryResponse),
+    "SetAccountStatus": (pb.SetAccountStatusRequest, pb.SetAccountStatusResponse),
+    "ClawBack": (pb.ClawBackRequest, pb.ClawBackResponse),
 }
 
 

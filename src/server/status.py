@@ -9,6 +9,7 @@ from grpc_status import rpc_status
 
 from store.errors import (
     BusinessFailure,
+    GrantNotFound,
     IdempotencyKeyReused,
     InvalidRequest,
     LedgerError,
@@ -70,7 +71,7 @@ def from_ledger_error(error: LedgerError) -> grpc.Status:
             str(error),
             [_error_info("IDEMPOTENCY_KEY_REUSED", {"field": error.field})],
         )
-    if isinstance(error, ReservationNotFound):
+    if isinstance(error, (ReservationNotFound, GrantNotFound)):
         return rich_status(code_pb2.NOT_FOUND, str(error), [])
     if isinstance(error, StoreUnavailable):
         retry = error_details_pb2.RetryInfo()

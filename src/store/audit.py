@@ -34,9 +34,10 @@ class _GrantReplay:
     held: int = 0
     consumed: int = 0
     expired: int = 0
+    clawed_back: int = 0
 
-    def parts(self) -> tuple[int, int, int, int]:
-        return (self.remaining, self.held, self.consumed, self.expired)
+    def parts(self) -> tuple[int, int, int, int, int]:
+        return (self.remaining, self.held, self.consumed, self.expired, self.clawed_back)
 
 
 @dataclass
@@ -112,6 +113,7 @@ async def _audit(conn: AsyncConnection, prefix: str) -> AuditReport:
             grant.held += effect.held_delta
             grant.consumed += effect.consumed_delta
             grant.expired += effect.expired_delta
+            grant.clawed_back += effect.clawed_back_delta
             wallet.grant_ids.add(effect.grant_id)
             if min(grant.parts()) < 0:
                 problems.append(Mismatch(subject, f"grant {effect.grant_id} goes negative"))
@@ -155,13 +157,13 @@ async def _audit(conn: AsyncConnection, prefix: str) -> AuditReport:
         select(grants).where(_prefix_filter(grants.c.account_id, prefix))  # type: ignore[arg-type]
     ):
         replayed = grant_replay[(row.account_id, row.grant_id)]
-        stored = (row.amount, row.remaining, row.held, row.consumed, row.expired)
+        stored = (row.amount, row.remaining, row.held, row.consumed, row.expired, row.clawed_back)
         if stored != (replayed.amount, *replayed.parts()):
             problems.append(
                 Mismatch(
                     f"grant {row.account_id}/{row.grant_id}",
-                    f"stores amount/remaining/held/consumed/expired={stored}, replay gives "
-                    f"{(replayed.amount, *replayed.parts())}",
+                    f"stores amount/remaining/held/consumed/expired/clawed_back={stored}, "
+                    f"replay gives {(replayed.amount, *replayed.parts())}",
                 )
             )
 

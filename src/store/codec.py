@@ -17,6 +17,7 @@ from store.errors import (
     InsufficientCredits,
 )
 from store.model import (
+    ClawBackResult,
     EntryKind,
     Grant,
     GrantEffect,
@@ -47,16 +48,22 @@ def metadata_from_json(text: str) -> dict[str, str]:
 def effects_to_json(effects: tuple[GrantEffect, ...]) -> str:
     return dumps(
         [
-            [e.grant_id, e.remaining_delta, e.held_delta, e.consumed_delta, e.expired_delta]
+            [
+                e.grant_id,
+                e.remaining_delta,
+                e.held_delta,
+                e.consumed_delta,
+                e.expired_delta,
+                e.clawed_back_delta,
+            ]
             for e in effects
         ]
     )
 
 
 def effects_from_json(text: str) -> tuple[GrantEffect, ...]:
-    return tuple(
-        GrantEffect(str(g), int(r), int(h), int(c), int(x)) for g, r, h, c, x in json.loads(text)
-    )
+    # Entries written before clawbacks existed carry five numbers; the sixth defaults to 0.
+    return tuple(GrantEffect(str(e[0]), *(int(x) for x in e[1:])) for e in json.loads(text))
 
 
 def _grant_to_dict(g: Grant) -> dict[str, Any]:
@@ -76,6 +83,7 @@ def _grant_to_dict(g: Grant) -> dict[str, Any]:
         "external_ref": g.external_ref,
         "metadata": dict(g.metadata),
         "created_at_us": g.created_at_us,
+        "clawed_back": g.clawed_back,
     }
 
 
@@ -144,7 +152,25 @@ def _entry_from_dict(d: dict[str, Any]) -> JournalEntry:
     )
 
 
-Outcome = GrantResult | ReservationResult | BusinessFailure
+def _clawback_to_dict(r: ClawBackResult) -> dict[str, Any]:
+    return {
+        "grant": _grant_to_dict(r.grant),
+        "amount_clawed_back": r.amount_clawed_back,
+        "amount_requested": r.amount_requested,
+        "entry": None if r.entry is None else _entry_to_dict(r.entry),
+    }
+
+
+def _clawback_from_dict(d: dict[str, Any]) -> ClawBackResult:
+    return ClawBackResult(
+        grant=_grant_from_dict(d["grant"]),
+        amount_clawed_back=int(d["amount_clawed_back"]),
+        entry=None if d["entry"] is None else _entry_from_dict(d["entry"]),
+        amount_requested=int(d["amount_requested"]),
+    )
+
+
+Outcome = GrantResult | ReservationResult | ClawBackResult | BusinessFailure
 
 
 def outcome_to_json(outcome: Outcome) -> str:
@@ -166,6 +192,8 @@ def outcome_to_json(outcome: Outcome) -> str:
                 }
             }
         )
+    if isinstance(outcome, ClawBackResult):
+        return dumps({"clawback_result": _clawback_to_dict(outcome)})
     if isinstance(outcome, InsufficientCredits):
         return dumps(
             {
@@ -205,6 +233,8 @@ def outcome_from_json(text: str) -> Outcome:
         return ReservationResult(
             _reservation_from_dict(r["reservation"]), _entry_from_dict(r["entry"])
         )
+    if "clawback_result" in d:
+        return _clawback_from_dict(d["clawback_result"])
     f = d["failure"]
     if f["reason"] == InsufficientCredits.reason:
         return InsufficientCredits(f["account_id"], f["credit_type"], f["required"], f["available"])

@@ -96,6 +96,14 @@ class ReservationNotFound(LedgerError):
         )
 
 
+class GrantNotFound(LedgerError):
+    def __init__(self, account_id: str, grant_id: str) -> None:
+        super().__init__(
+            f"no grant {grant_id!r} for account {account_id!r}; use the grant_id AddCredits "
+            "returned"
+        )
+
+
 class ReservationStateConflict(LedgerError):
     """The reservation's state forbids the request (expired, committed, released)."""
 

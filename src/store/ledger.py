@@ -27,6 +27,7 @@ from store.errors import (
     BalanceLimitExceeded,
     BusinessFailure,
     FieldViolation,
+    GrantNotFound,
     InsufficientCredits,
     InvalidRequest,
     LedgerError,
@@ -38,9 +39,12 @@ from store.ids import new_id
 from store.model import (
     SYSTEM_PRINCIPAL,
     AccountStatus,
+    AccountStatusChange,
     AddCreditsCommand,
     Balance,
     Caller,
+    ClawBackCommand,
+    ClawBackResult,
     CommitCommand,
     EntryKind,
     Grant,
@@ -54,7 +58,14 @@ from store.model import (
     ReserveCommand,
 )
 from store.rows import WalletState
-from store.schema import accounts, grants, reservation_slices, reservations, wallets
+from store.schema import (
+    account_status_changes,
+    accounts,
+    grants,
+    reservation_slices,
+    reservations,
+    wallets,
+)
 from store.tx import Transactor
 
 
@@ -737,37 +748,131 @@ class Ledger:
 
     # ---- admin -------------------------------------------------------------------------------
 
-    async def set_account_status(self, account_id: str, status: AccountStatus) -> None:
-        v = validation.Violations()
-        validation.check_account_id(v, account_id)
-        v.raise_if_any()
+    async def set_account_status(
+        self,
+        account_id: str,
+        status: AccountStatus,
+        reason: str = "",
+        caller: Caller | None = None,
+    ) -> AccountStatusChange:
+        caller = caller or Caller()
+        validation.validate_account_status(account_id, reason, caller)
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: AsyncConnection) -> AccountStatusChange:
             now_us = self.clock.now_us()
             await conn.execute(
                 rows.upsert(conn, accounts)
                 .values(
                     account_id=account_id,
-                    status=status.value,
-                    # 1, not 0: version 0 is what a cache holds for an account with no row.
-                    status_version=1,
+                    status=AccountStatus.ACTIVE.value,
                     created_at_us=now_us,
                     updated_at_us=now_us,
                 )
-                .on_conflict_do_update(
-                    index_elements=["account_id"],
-                    set_={
-                        "status": status.value,
-                        "status_version": accounts.c.status_version + 1,
-                        "updated_at_us": now_us,
-                    },
+                .on_conflict_do_nothing(index_elements=["account_id"])
+            )
+            current = (
+                await conn.execute(
+                    select(accounts.c.status, accounts.c.status_version)
+                    .where(accounts.c.account_id == account_id)
+                    .with_for_update()
+                )
+            ).one()
+            if current.status == status.value:
+                return AccountStatusChange(account_id, status, changed=False)
+            # Never 0 after a change: version 0 is what a cache holds for an account with no row.
+            version = max(current.status_version, 0) + 1
+            await conn.execute(
+                update(accounts)
+                .where(accounts.c.account_id == account_id)
+                .values(status=status.value, status_version=version, updated_at_us=now_us)
+            )
+            await conn.execute(
+                insert(account_status_changes).values(
+                    account_id=account_id,
+                    status_version=version,
+                    status=status.value,
+                    reason=reason,
+                    principal=caller.principal,
+                    request_id=caller.request_id,
+                    created_at_us=now_us,
                 )
             )
+            return AccountStatusChange(account_id, status, changed=True)
 
-        await self.transactor.write(work)
-        if self.cache is not None:
+        change = await self.transactor.write(work)
+        if change.changed and self.cache is not None:
             # Any wallet's read carries the account snapshot; the default one will do.
             await self._refresh(account_id, limits.CREDIT_TYPE_DEFAULT)
+        return change
+
+    # ---- ClawBack ----------------------------------------------------------------------------
+
+    async def claw_back(self, cmd: ClawBackCommand, caller: Caller) -> ClawBackResult:
+        validation.validate_claw_back(cmd, caller)
+        request = {"grant_id": cmd.grant_id, "amount": cmd.amount, "action": caller.action}
+        touched: list[str] = []
+
+        async def work(conn: AsyncConnection) -> ClawBackResult | LedgerError:
+            stored = await idempotency.claim(
+                conn,
+                cmd.account_id,
+                cmd.idempotency_key,
+                "claw_back",
+                request,
+                self.clock.now_us(),
+            )
+            if stored is not None:
+                return _expect(stored, ClawBackResult)
+            credit_type = await conn.scalar(
+                select(grants.c.credit_type).where(
+                    grants.c.account_id == cmd.account_id, grants.c.grant_id == cmd.grant_id
+                )
+            )
+            if credit_type is None:
+                # Raised, not returned: the transaction rolls back and the key stays free.
+                raise GrantNotFound(cmd.account_id, cmd.grant_id)
+            touched.append(credit_type)
+            wallet = await rows.lock_wallet(conn, cmd.account_id, credit_type)
+            assert wallet is not None, "a grant's wallet exists"
+            now_us = self.clock.now_us()
+            remaining = await conn.scalar(
+                select(grants.c.remaining).where(
+                    grants.c.account_id == cmd.account_id, grants.c.grant_id == cmd.grant_id
+                )
+            )
+            taken = min(cmd.amount, int(remaining or 0))
+            entry = None
+            if taken > 0:
+                effect = GrantEffect(cmd.grant_id, remaining_delta=-taken, clawed_back_delta=taken)
+                await _apply_grant_deltas(conn, cmd.account_id, [effect])
+                entry = await self._journal(
+                    conn,
+                    wallet,
+                    cmd.account_id,
+                    credit_type,
+                    now_us,
+                    caller,
+                    kind=EntryKind.CLAWBACK,
+                    effects=(effect,),
+                    reserved_delta=0,
+                    grant_id=cmd.grant_id,
+                    idempotency_key=cmd.idempotency_key,
+                )
+            row = (
+                await conn.execute(
+                    select(grants).where(
+                        grants.c.account_id == cmd.account_id, grants.c.grant_id == cmd.grant_id
+                    )
+                )
+            ).one()
+            outcome = ClawBackResult(rows.grant_from_row(row), cmd.amount, taken, entry)
+            await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
+            return outcome
+
+        outcome = await self.transactor.write(work)
+        if touched:
+            await self._refresh(cmd.account_id, touched[0])
+        return _finish(outcome)
 
     # ---- journal -----------------------------------------------------------------------------
 
@@ -872,6 +977,7 @@ async def _apply_grant_deltas(
             held=grants.c.held + bindparam("p_held"),
             consumed=grants.c.consumed + bindparam("p_consumed"),
             expired=grants.c.expired + bindparam("p_expired"),
+            clawed_back=grants.c.clawed_back + bindparam("p_clawed_back"),
         ),
         [
             {
@@ -881,6 +987,7 @@ async def _apply_grant_deltas(
                 "p_held": e.held_delta,
                 "p_consumed": e.consumed_delta,
                 "p_expired": e.expired_delta,
+                "p_clawed_back": e.clawed_back_delta,
             }
             for e in effects
         ],

@@ -19,6 +19,9 @@ RESERVATION_ID_LENGTH_MAX: Final = 64
 ACTION_LENGTH_MAX: Final = 64
 ACTION_PATTERN: Final = re.compile(r"[a-z0-9_.:/-]*")
 REQUEST_ID_LENGTH_MAX: Final = 128
+ACCOUNT_STATUS_REASON_LENGTH_MAX: Final = 256
+# Grant ids and reservation ids are ours; anything longer is not one.
+GRANT_ID_LENGTH_MAX: Final = 64
 EXTERNAL_REF_LENGTH_MAX: Final = 255
 
 METADATA_ENTRIES_MAX: Final = 16

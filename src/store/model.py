@@ -37,6 +37,7 @@ class EntryKind(enum.StrEnum):
     RELEASE = "release"
     HOLD_EXPIRY = "hold_expiry"
     GRANT_EXPIRY = "grant_expiry"
+    CLAWBACK = "clawback"
 
 
 SYSTEM_PRINCIPAL = "system"
@@ -91,6 +92,14 @@ class ReleaseCommand:
 
 
 @dataclass(frozen=True)
+class ClawBackCommand:
+    account_id: str
+    grant_id: str
+    amount: int
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
 class HistoryQuery:
     account_id: str
     credit_type: str = ""
@@ -120,6 +129,7 @@ class Grant:
     external_ref: str
     metadata: Mapping[str, str]
     created_at_us: int
+    clawed_back: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,7 @@ class GrantEffect:
     held_delta: int = 0
     consumed_delta: int = 0
     expired_delta: int = 0
+    clawed_back_delta: int = 0
 
     @property
     def unexpired_delta(self) -> int:
@@ -210,6 +221,26 @@ class GrantResult:
 class ReservationResult:
     reservation: Reservation
     entry: JournalEntry
+
+
+@dataclass(frozen=True)
+class ClawBackResult:
+    grant: Grant
+    amount_requested: int
+    amount_clawed_back: int
+    # None when nothing could be taken back (nothing was journaled).
+    entry: JournalEntry | None
+
+    @property
+    def shortfall(self) -> int:
+        return self.amount_requested - self.amount_clawed_back
+
+
+@dataclass(frozen=True)
+class AccountStatusChange:
+    account_id: str
+    status: AccountStatus
+    changed: bool
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ def grant_from_row(row: Row[Any]) -> Grant:
         external_ref=row.external_ref,
         metadata=codec.metadata_from_json(row.metadata_json),
         created_at_us=row.created_at_us,
+        clawed_back=row.clawed_back,
     )
 
 

@@ -73,6 +73,7 @@ grants = Table(
     Column("held", BigInteger, nullable=False),
     Column("consumed", BigInteger, nullable=False),
     Column("expired", BigInteger, nullable=False),
+    Column("clawed_back", BigInteger, nullable=False, server_default="0"),
     Column("source", String(16), nullable=False),
     Column("priority", Integer, nullable=False),
     Column("effective_at_us", BigInteger, nullable=False),
@@ -83,9 +84,12 @@ grants = Table(
     Column("created_at_us", BigInteger, nullable=False),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(
-        "remaining >= 0 AND held >= 0 AND consumed >= 0 AND expired >= 0", name="parts_nonnegative"
+        "remaining >= 0 AND held >= 0 AND consumed >= 0 AND expired >= 0 AND clawed_back >= 0",
+        name="parts_nonnegative",
     ),
-    CheckConstraint("remaining + held + consumed + expired = amount", name="parts_sum_to_amount"),
+    CheckConstraint(
+        "remaining + held + consumed + expired + clawed_back = amount", name="parts_sum_to_amount"
+    ),
     Index("ix_grants_wallet", "account_id", "credit_type"),
     # The grant sweeper's scan: grants with credits left, by expiry.
     Index(
@@ -189,4 +193,18 @@ idempotency_keys = Table(
     Column("outcome_json", Text, nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
     Index("ix_idempotency_keys_created", "created_at_us"),
+)
+
+# Append-only record of account status changes: who locked or unlocked an account, and why.
+account_status_changes = Table(
+    "account_status_changes",
+    metadata,
+    Column("account_id", ACCOUNT_ID, primary_key=True),
+    # The account's status_version this change produced.
+    Column("status_version", BigInteger, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(256), nullable=False),
+    Column("principal", String(128), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
 )

@@ -14,6 +14,7 @@ from store.errors import FieldViolation, InvalidRequest
 from store.model import (
     AddCreditsCommand,
     Caller,
+    ClawBackCommand,
     CommitCommand,
     HistoryQuery,
     ReleaseCommand,
@@ -273,4 +274,36 @@ def validate_history(query: HistoryQuery) -> None:
         )
     if len(query.page_token) > limits.PAGE_TOKEN_LENGTH_MAX:
         v.add("page_token", "is too long; pass the token History returned, unchanged")
+    v.raise_if_any()
+
+
+def validate_account_status(account_id: str, reason: str, caller: Caller) -> None:
+    v = Violations()
+    check_labels(v, caller.action, caller.request_id)
+    check_account_id(v, account_id)
+    if len(reason) > limits.ACCOUNT_STATUS_REASON_LENGTH_MAX:
+        v.add(
+            "reason",
+            f"is {len(reason)} characters; at most {limits.ACCOUNT_STATUS_REASON_LENGTH_MAX}",
+        )
+    elif any(unicodedata.category(ch) == "Cc" for ch in reason):
+        v.add("reason", "contains control characters")
+    v.raise_if_any()
+
+
+def validate_claw_back(cmd: ClawBackCommand, caller: Caller) -> None:
+    v = Violations()
+    check_labels(v, caller.action, caller.request_id)
+    check_account_id(v, cmd.account_id)
+    _check_text(
+        v,
+        "grant_id",
+        cmd.grant_id,
+        length_max=limits.GRANT_ID_LENGTH_MAX,
+        pattern=limits.VISIBLE_ASCII_PATTERN,
+        required=True,
+        rule="an id returned by AddCredits",
+    )
+    check_amount(v, cmd.amount, minimum=1)
+    check_idempotency_key(v, cmd.idempotency_key)
     v.raise_if_any()

@@ -156,6 +156,8 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     """A reservation passed its TTL and was given back (same accounting as RELEASE)."""
     ENTRY_KIND_GRANT_EXPIRY: _EntryKind.ValueType  # 6
     """The unspent remaining part of a grant passed its expires_at (amount < 0)."""
+    ENTRY_KIND_CLAWBACK: _EntryKind.ValueType  # 7
+    """Unspent credits of a grant were taken back (ClawBack; amount < 0)."""
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """What a journal entry records."""
@@ -175,6 +177,8 @@ ENTRY_KIND_HOLD_EXPIRY: EntryKind.ValueType  # 5
 """A reservation passed its TTL and was given back (same accounting as RELEASE)."""
 ENTRY_KIND_GRANT_EXPIRY: EntryKind.ValueType  # 6
 """The unspent remaining part of a grant passed its expires_at (amount < 0)."""
+ENTRY_KIND_CLAWBACK: EntryKind.ValueType  # 7
+"""Unspent credits of a grant were taken back (ClawBack; amount < 0)."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
 @_typing.final
@@ -733,7 +737,9 @@ Global___AddCreditsResponse: _TypeAlias = AddCreditsResponse  # noqa: Y015
 
 @_typing.final
 class Grant(_message.Message):
-    """A lot of credits in a wallet. amount = remaining + held + consumed + expired, always."""
+    """A lot of credits in a wallet. amount = remaining + held + consumed + expired + clawed_back,
+    always.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -772,6 +778,7 @@ class Grant(_message.Message):
     EXTERNAL_REF_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
     account_id: _builtins.str
     credit_type: _builtins.str
@@ -785,6 +792,8 @@ class Grant(_message.Message):
     source: Global___GrantSource.ValueType
     priority: _builtins.int
     external_ref: _builtins.str
+    clawed_back: _builtins.int
+    """Taken back by ClawBack."""
     @_builtins.property
     def effective_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -813,10 +822,11 @@ class Grant(_message.Message):
         external_ref: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        clawed_back: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "effective_at", b"effective_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "consumed", b"consumed", "created_at", b"created_at", "credit_type", b"credit_type", "effective_at", b"effective_at", "expired", b"expired", "expires_at", b"expires_at", "external_ref", b"external_ref", "grant_id", b"grant_id", "held", b"held", "metadata", b"metadata", "priority", b"priority", "remaining", b"remaining", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "clawed_back", b"clawed_back", "consumed", b"consumed", "created_at", b"created_at", "credit_type", b"credit_type", "effective_at", b"effective_at", "expired", b"expired", "expires_at", b"expires_at", "external_ref", b"external_ref", "grant_id", b"grant_id", "held", b"held", "metadata", b"metadata", "priority", b"priority", "remaining", b"remaining", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -833,11 +843,13 @@ class GrantEffect(_message.Message):
     HELD_DELTA_FIELD_NUMBER: _builtins.int
     CONSUMED_DELTA_FIELD_NUMBER: _builtins.int
     EXPIRED_DELTA_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_DELTA_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.str
     remaining_delta: _builtins.int
     held_delta: _builtins.int
     consumed_delta: _builtins.int
     expired_delta: _builtins.int
+    clawed_back_delta: _builtins.int
     def __init__(
         self,
         *,
@@ -846,10 +858,11 @@ class GrantEffect(_message.Message):
         held_delta: _builtins.int = ...,
         consumed_delta: _builtins.int = ...,
         expired_delta: _builtins.int = ...,
+        clawed_back_delta: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumed_delta", b"consumed_delta", "expired_delta", b"expired_delta", "grant_id", b"grant_id", "held_delta", b"held_delta", "remaining_delta", b"remaining_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clawed_back_delta", b"clawed_back_delta", "consumed_delta", b"consumed_delta", "expired_delta", b"expired_delta", "grant_id", b"grant_id", "held_delta", b"held_delta", "remaining_delta", b"remaining_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1011,3 +1024,130 @@ class HistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HistoryResponse: _TypeAlias = HistoryResponse  # noqa: Y015
+
+@_typing.final
+class SetAccountStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    status: Global___AccountStatus.ValueType
+    """ACCOUNT_STATUS_ACTIVE or ACCOUNT_STATUS_LOCKED."""
+    reason: _builtins.str
+    """Why (recorded with the change), 0..256 characters of text, e.g. "dispute dp_123 opened"."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        status: Global___AccountStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "reason", b"reason", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountStatusRequest: _TypeAlias = SetAccountStatusRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    status: Global___AccountStatus.ValueType
+    changed: _builtins.bool
+    """False when the account already had this status."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        status: Global___AccountStatus.ValueType = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "changed", b"changed", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountStatusResponse: _TypeAlias = SetAccountStatusResponse  # noqa: Y015
+
+@_typing.final
+class ClawBackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    grant_id: _builtins.str
+    """The grant to take credits back from (as returned by AddCredits)."""
+    amount: _builtins.int
+    """Credits to take back, 1..1,000,000,000,000."""
+    idempotency_key: _builtins.str
+    """Required. See the conventions at the top of this file."""
+    action: _builtins.str
+    """Recorded in the journal."""
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+        action: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "action", b"action", "amount", b"amount", "grant_id", b"grant_id", "idempotency_key", b"idempotency_key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawBackRequest: _TypeAlias = ClawBackRequest  # noqa: Y015
+
+@_typing.final
+class ClawBackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_FIELD_NUMBER: _builtins.int
+    AMOUNT_CLAWED_BACK_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    amount_clawed_back: _builtins.int
+    """Credits actually taken back: min(amount, the grant's remaining credits)."""
+    shortfall: _builtins.int
+    """amount - amount_clawed_back: what was already spent, held or expired."""
+    @_builtins.property
+    def grant(self) -> Global___Grant:
+        """The grant after the clawback."""
+
+    @_builtins.property
+    def entry(self) -> Global___JournalEntry:
+        """The CLAWBACK journal entry; unset when nothing could be taken back."""
+
+    def __init__(
+        self,
+        *,
+        grant: Global___Grant | None = ...,
+        amount_clawed_back: _builtins.int = ...,
+        shortfall: _builtins.int = ...,
+        entry: Global___JournalEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "grant", b"grant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_clawed_back", b"amount_clawed_back", "entry", b"entry", "grant", b"grant", "shortfall", b"shortfall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawBackResponse: _TypeAlias = ClawBackResponse  # noqa: Y015

@@ -65,6 +65,16 @@ class CreditsServiceStub:
                 request_serializer=credits_dot_v1_dot_credits__pb2.HistoryRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credits__pb2.HistoryResponse.FromString,
                 _registered_method=True)
+        self.SetAccountStatus = channel.unary_unary(
+                '/credits.v1.CreditsService/SetAccountStatus',
+                request_serializer=credits_dot_v1_dot_credits__pb2.SetAccountStatusRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.SetAccountStatusResponse.FromString,
+                _registered_method=True)
+        self.ClawBack = channel.unary_unary(
+                '/credits.v1.CreditsService/ClawBack',
+                request_serializer=credits_dot_v1_dot_credits__pb2.ClawBackRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credits__pb2.ClawBackResponse.FromString,
+                _registered_method=True)
 
 
 class CreditsServiceServicer:
@@ -124,6 +134,24 @@ class CreditsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAccountStatus(self, request, context):
+        """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
+        cannot reserve; reads, grants, commits and releases still work. Setting the status it
+        already has changes nothing. Every change is recorded with its reason and principal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClawBack(self, request, context):
+        """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
+        unspent: its remaining credits. Never below zero and never from credits held, consumed or
+        expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +184,16 @@ def add_CreditsServiceServicer_to_server(servicer, server):
                     servicer.History,
                     request_deserializer=credits_dot_v1_dot_credits__pb2.HistoryRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credits__pb2.HistoryResponse.SerializeToString,
+            ),
+            'SetAccountStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountStatus,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.SetAccountStatusRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.SetAccountStatusResponse.SerializeToString,
+            ),
+            'ClawBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClawBack,
+                    request_deserializer=credits_dot_v1_dot_credits__pb2.ClawBackRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credits__pb2.ClawBackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +359,60 @@ class CreditsService:
             '/credits.v1.CreditsService/History',
             credits_dot_v1_dot_credits__pb2.HistoryRequest.SerializeToString,
             credits_dot_v1_dot_credits__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditsService/SetAccountStatus',
+            credits_dot_v1_dot_credits__pb2.SetAccountStatusRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.SetAccountStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClawBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditsService/ClawBack',
+            credits_dot_v1_dot_credits__pb2.ClawBackRequest.SerializeToString,
+            credits_dot_v1_dot_credits__pb2.ClawBackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,6 +100,16 @@ class CreditsServiceStub:
     """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
     pagination.
     """
+    SetAccountStatus: _grpc.UnaryUnaryMultiCallable[_credits_pb2.SetAccountStatusRequest, _credits_pb2.SetAccountStatusResponse]
+    """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
+    cannot reserve; reads, grants, commits and releases still work. Setting the status it
+    already has changes nothing. Every change is recorded with its reason and principal.
+    """
+    ClawBack: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ClawBackRequest, _credits_pb2.ClawBackResponse]
+    """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
+    unspent: its remaining credits. Never below zero and never from credits held, consumed or
+    expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
+    """
 
 @_typing.type_check_only
 class CreditsServiceAsyncStub(CreditsServiceStub):
@@ -133,6 +143,16 @@ class CreditsServiceAsyncStub(CreditsServiceStub):
     History: _aio.UnaryUnaryMultiCallable[_credits_pb2.HistoryRequest, _credits_pb2.HistoryResponse]  # type: ignore[assignment]
     """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
     pagination.
+    """
+    SetAccountStatus: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetAccountStatusRequest, _credits_pb2.SetAccountStatusResponse]  # type: ignore[assignment]
+    """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
+    cannot reserve; reads, grants, commits and releases still work. Setting the status it
+    already has changes nothing. Every change is recorded with its reason and principal.
+    """
+    ClawBack: _aio.UnaryUnaryMultiCallable[_credits_pb2.ClawBackRequest, _credits_pb2.ClawBackResponse]  # type: ignore[assignment]
+    """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
+    unspent: its remaining credits. Never below zero and never from credits held, consumed or
+    expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
     """
 
 class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -200,6 +220,28 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.HistoryResponse, _abc.Awaitable[_credits_pb2.HistoryResponse]]:
         """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
         pagination.
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccountStatus(
+        self,
+        request: _credits_pb2.SetAccountStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.SetAccountStatusResponse, _abc.Awaitable[_credits_pb2.SetAccountStatusResponse]]:
+        """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
+        cannot reserve; reads, grants, commits and releases still work. Setting the status it
+        already has changes nothing. Every change is recorded with its reason and principal.
+        """
+
+    @_abc_1.abstractmethod
+    def ClawBack(
+        self,
+        request: _credits_pb2.ClawBackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credits_pb2.ClawBackResponse, _abc.Awaitable[_credits_pb2.ClawBackResponse]]:
+        """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
+        unspent: its remaining credits. Never below zero and never from credits held, consumed or
+        expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
         """
 
 def add_CreditsServiceServicer_to_server(servicer: CreditsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
