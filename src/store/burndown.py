@@ -89,3 +89,22 @@ def consume(slice_lots: Sequence[Lot], amount: int) -> list[SliceOutcome]:
     assert sum(o.consumed for o in outcomes) == amount
     assert sum(o.consumed + o.returned for o in outcomes) == total
     return outcomes
+
+
+# "Never changes by itself": far beyond any timestamp the limits allow.
+NO_SCHEDULED_CHANGE_US = 2**62
+
+
+def next_liveness_change_us(lots: Iterable[Lot], now_us: int) -> int:
+    """The next instant the spendable amount of these lots changes with time alone: a lot that
+    takes effect, or a live lot that expires. Lots with nothing left never matter."""
+    upcoming = [
+        lot.effective_at_us if lot.effective_at_us > now_us else lot.expires_at_us
+        for lot in lots
+        if lot.amount > 0
+        and (
+            lot.effective_at_us > now_us
+            or (lot.expires_at_us is not None and lot.expires_at_us > now_us)
+        )
+    ]
+    return min((t for t in upcoming if t is not None), default=NO_SCHEDULED_CHANGE_US)

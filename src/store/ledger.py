@@ -12,6 +12,8 @@ not when the request started waiting.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
@@ -19,7 +21,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
-from store.burndown import Lot, allocate, consume
+from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, consume
 from store.cache import AccountSnapshot, BalanceCache, WalletSnapshot
 from store.clock import Clock, SystemClock
 from store.errors import (
@@ -96,6 +98,11 @@ class LedgerSettings:
 
 
 log = logging.getLogger(__name__)
+# The wallet snapshot the current transaction attempt wrote (set by _journal, read after commit).
+# A context variable: each RPC runs in its own task, so calls never see each other's.
+_written_snapshot: ContextVar[tuple[str, str, WalletSnapshot] | None] = ContextVar(
+    "written_snapshot", default=None
+)
 Resolution = Literal["commit", "release", "expire"]
 T = TypeVar("T")
 
@@ -132,13 +139,17 @@ class Ledger:
         validation.validate_check(account_id, credit_type, amount)
         if self.cache is not None and not consistent:
             wallet, account = await self.cache.get(account_id, credit_type)
-            if wallet is not None and account is not None:
-                if self.clock.now_us() < wallet.valid_until_us:
-                    self.cache.counters.hits += 1
-                    return _balance(account_id, credit_type, wallet, account, from_cache=True)
-                self.cache.counters.stale += 1
-            else:
+            if wallet is not None and self.clock.now_us() < wallet.valid_until_us:
+                self.cache.counters.hits += 1
+                if account is None:
+                    # Writes publish wallet copies only; the status is one primary-key read.
+                    account = await self._read_account(account_id)
+                    await self.cache.put_account(account_id, account)
+                return _balance(account_id, credit_type, wallet, account, from_cache=True)
+            if wallet is None:
                 self.cache.counters.misses += 1
+            else:
+                self.cache.counters.stale += 1
         wallet, account = await self._read_snapshots(account_id, credit_type)
         if self.cache is not None:
             await self.cache.put_wallet(account_id, credit_type, wallet)
@@ -152,6 +163,30 @@ class Ledger:
             return await rows.read_snapshots(conn, account_id, credit_type, self.clock.now_us())
 
         return await self.transactor.read(work)
+
+    async def _read_account(self, account_id: str) -> AccountSnapshot:
+        async def work(conn: AsyncConnection) -> AccountSnapshot:
+            return await rows.read_account_snapshot(conn, account_id)
+
+        return await self.transactor.read(work)
+
+    async def _write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """A write transaction whose journal entries leave their wallet snapshot behind."""
+
+        async def attempt(conn: AsyncConnection) -> T:
+            _written_snapshot.set(None)  # a retried attempt must not publish a rolled-back one
+            return await work(conn)
+
+        return await self.transactor.write(attempt)
+
+    async def _publish(self) -> None:
+        """Puts the snapshot the just-committed transaction computed into the cache: no extra
+        read. Best effort, like every cache write."""
+        written = _written_snapshot.get()
+        if self.cache is None or written is None:
+            return
+        account_id, credit_type, snapshot = written
+        await self.cache.put_wallet(account_id, credit_type, snapshot)
 
     async def _refresh(self, account_id: str, credit_type: str) -> None:
         """Refreshes the cached snapshot after a committed change. Best effort: the change is
@@ -225,8 +260,8 @@ class Ledger:
             await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
             return outcome
 
-        outcome = await self.transactor.write(work)
-        await self._refresh(cmd.account_id, cmd.credit_type)
+        outcome = await self._write(work)
+        await self._publish()
         return _finish(outcome)
 
     async def _add_credits(
@@ -338,9 +373,8 @@ class Ledger:
             await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
             return outcome
 
-        outcome = await self.transactor.write(work)
-        if isinstance(outcome, ReservationResult):
-            await self._refresh(cmd.account_id, cmd.credit_type)
+        outcome = await self._write(work)
+        await self._publish()
         return _finish(outcome)
 
     async def _reserve(
@@ -350,10 +384,10 @@ class Ledger:
         now_us = self.clock.now_us()
         if await rows.account_status(conn, cmd.account_id) is AccountStatus.LOCKED:
             return AccountLocked(cmd.account_id)
-        lots = (
-            []
+        lots, next_change_us = (
+            ([], NO_SCHEDULED_CHANGE_US)
             if wallet is None
-            else await rows.live_lots(conn, cmd.account_id, cmd.credit_type, now_us)
+            else await rows.spendable_lots(conn, cmd.account_id, cmd.credit_type, now_us)
         )
         available = sum(lot.amount for lot in lots)
         slices = allocate(lots, cmd.amount) if available >= cmd.amount else None
@@ -436,6 +470,8 @@ class Ledger:
             reservation_id=reservation.reservation_id,
             idempotency_key=cmd.idempotency_key,
             available_after=available - cmd.amount,
+            # Conservative: reserving can only make a lot's expiry irrelevant, never add one.
+            next_change_us=next_change_us,
         )
         return ReservationResult(reservation, entry)
 
@@ -457,8 +493,6 @@ class Ledger:
         amount: int | None,
         caller: Caller,
     ) -> ReservationResult:
-        touched_credit_types: list[str] = []
-
         async def work(conn: AsyncConnection) -> ReservationResult | LedgerError:
             credit_type = await conn.scalar(
                 select(reservations.c.credit_type).where(
@@ -468,7 +502,6 @@ class Ledger:
             )
             if credit_type is None:
                 return ReservationNotFound(account_id, reservation_id)
-            touched_credit_types[:] = [credit_type]
             wallet = await rows.lock_wallet(conn, account_id, credit_type)
             assert wallet is not None, "a reservation's wallet exists"
             now_us = self.clock.now_us()
@@ -502,9 +535,8 @@ class Ledger:
                 conn, wallet, reservation, resolution, consumed, now_us, caller
             )
 
-        outcome = await self.transactor.write(work)
-        if touched_credit_types:
-            await self._refresh(account_id, touched_credit_types[0])
+        outcome = await self._write(work)
+        await self._publish()
         return _finish(outcome)
 
     async def _settle(
@@ -663,9 +695,9 @@ class Ledger:
                 await self._settle(conn, wallet, reservation, "expire", 0, at_us, _system(Caller()))
                 return True
 
-            if await self.transactor.write(expire):
+            if await self._write(expire):
                 expired += 1
-                await self._refresh(account_id, credit_type)
+                await self._publish()
         return expired
 
     async def sweep_expired_grants(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
@@ -729,10 +761,10 @@ class Ledger:
                     count += 1
                 return count
 
-            count = await self.transactor.write(expire)
+            count = await self._write(expire)
             if count:
                 expired += count
-                await self._refresh(account_id, credit_type)
+                await self._publish()
         return expired
 
     async def prune_idempotency_keys(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
@@ -810,7 +842,6 @@ class Ledger:
     async def claw_back(self, cmd: ClawBackCommand, caller: Caller) -> ClawBackResult:
         validation.validate_claw_back(cmd, caller)
         request = {"grant_id": cmd.grant_id, "amount": cmd.amount, "action": caller.action}
-        touched: list[str] = []
 
         async def work(conn: AsyncConnection) -> ClawBackResult | LedgerError:
             stored = await idempotency.claim(
@@ -831,7 +862,6 @@ class Ledger:
             if credit_type is None:
                 # Raised, not returned: the transaction rolls back and the key stays free.
                 raise GrantNotFound(cmd.account_id, cmd.grant_id)
-            touched.append(credit_type)
             wallet = await rows.lock_wallet(conn, cmd.account_id, credit_type)
             assert wallet is not None, "a grant's wallet exists"
             now_us = self.clock.now_us()
@@ -869,9 +899,8 @@ class Ledger:
             await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
             return outcome
 
-        outcome = await self.transactor.write(work)
-        if touched:
-            await self._refresh(cmd.account_id, touched[0])
+        outcome = await self._write(work)
+        await self._publish()
         return _finish(outcome)
 
     # ---- journal -----------------------------------------------------------------------------
@@ -892,13 +921,16 @@ class Ledger:
         reservation_id: str = "",
         idempotency_key: str = "",
         available_after: int | None = None,
+        next_change_us: int = NO_SCHEDULED_CHANGE_US,
     ) -> JournalEntry:
         """Appends the entry for a change already applied to the grants, and advances the
         wallet's sequence and reserved total in the same transaction."""
         after = WalletState(wallet.last_sequence + 1, wallet.reserved + reserved_delta)
         assert reserved_delta == sum(e.held_delta for e in effects), "reserved tracks held"
         if available_after is None:
-            available_after = await rows.available(conn, account_id, credit_type, now_us)
+            available_after, next_change_us = await rows.available_and_next_change(
+                conn, account_id, credit_type, now_us
+            )
         entry = JournalEntry(
             account_id=account_id,
             credit_type=credit_type,
@@ -918,6 +950,19 @@ class Ledger:
         )
         await rows.append_entry(conn, entry)
         await rows.save_wallet(conn, account_id, credit_type, after)
+        _written_snapshot.set(
+            (
+                account_id,
+                credit_type,
+                WalletSnapshot(
+                    version=entry.sequence,
+                    available=entry.available_after,
+                    reserved=entry.reserved_after,
+                    valid_until_us=next_change_us,
+                    as_of_us=now_us,
+                ),
+            )
+        )
         return entry
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from store import codec
-from store.burndown import Lot
+from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, is_live, next_liveness_change_us
 from store.cache import AccountSnapshot, WalletSnapshot
 from store.model import (
     AccountStatus,
@@ -77,23 +77,20 @@ def live_condition(now_us: int) -> Any:
     )
 
 
-async def available(conn: AsyncConnection, account_id: str, credit_type: str, now_us: int) -> int:
-    """Sum of remaining over the wallet's live grants."""
-    total = await conn.scalar(
-        select(func.coalesce(func.sum(grants.c.remaining), 0)).where(
-            grants.c.account_id == account_id,
-            grants.c.credit_type == credit_type,
-            live_condition(now_us),
-        )
-    )
-    assert total is not None and total >= 0
-    return int(total)
-
-
-async def live_lots(
+async def available_and_next_change(
     conn: AsyncConnection, account_id: str, credit_type: str, now_us: int
-) -> list[Lot]:
-    rows = await conn.execute(
+) -> tuple[int, int]:
+    """Sum of remaining over the wallet's live grants, and when that changes with time alone."""
+    lots, next_change_us = await spendable_lots(conn, account_id, credit_type, now_us)
+    return sum(lot.amount for lot in lots), next_change_us
+
+
+async def spendable_lots(
+    conn: AsyncConnection, account_id: str, credit_type: str, now_us: int
+) -> tuple[list[Lot], int]:
+    """The wallet's live lots (remaining credits of live grants), and the next instant the set
+    changes with time alone (a grant taking effect or a live one expiring)."""
+    rows_with_credits = await conn.execute(
         select(
             grants.c.grant_id,
             grants.c.priority,
@@ -103,12 +100,15 @@ async def live_lots(
         ).where(
             grants.c.account_id == account_id,
             grants.c.credit_type == credit_type,
-            live_condition(now_us),
+            grants.c.remaining > 0,
         )
     )
-    return [
-        Lot(r.grant_id, r.priority, r.effective_at_us, r.expires_at_us, r.remaining) for r in rows
+    lots = [
+        Lot(r.grant_id, r.priority, r.effective_at_us, r.expires_at_us, r.remaining)
+        for r in rows_with_credits
     ]
+    live = [lot for lot in lots if is_live(lot.effective_at_us, lot.expires_at_us, now_us)]
+    return live, next_liveness_change_us(lots, now_us)
 
 
 def grant_from_row(row: Row[Any]) -> Grant:
@@ -236,10 +236,6 @@ async def append_entry(conn: AsyncConnection, entry: JournalEntry) -> None:
     )
 
 
-# "Never changes by itself": far beyond any timestamp the limits allow.
-NO_SCHEDULED_CHANGE_US = 2**62
-
-
 async def read_snapshots(
     conn: AsyncConnection, account_id: str, credit_type: str, now_us: int
 ) -> tuple[WalletSnapshot, AccountSnapshot]:
@@ -301,3 +297,16 @@ async def read_snapshots(
         status=AccountStatus.ACTIVE if status is None else AccountStatus(status),
     )
     return wallet, account
+
+
+async def read_account_snapshot(conn: AsyncConnection, account_id: str) -> AccountSnapshot:
+    row = (
+        await conn.execute(
+            select(accounts.c.status, accounts.c.status_version).where(
+                accounts.c.account_id == account_id
+            )
+        )
+    ).first()
+    if row is None:
+        return AccountSnapshot(version=0, status=AccountStatus.ACTIVE)
+    return AccountSnapshot(version=int(row.status_version), status=AccountStatus(row.status))
