@@ -34,8 +34,10 @@ class ServerProcess:
         return self.process.wait(timeout_seconds)
 
 
-def spawn_server(database_url: str, *extra_args: str) -> ServerProcess:
-    port = free_port()
+def spawn_server(database_url: str, *extra_args: str, port: int | None = None) -> ServerProcess:
+    """A credits-server process on `port` (a free one when None: pass the same port again to
+    restart a server where its clients expect it)."""
+    port = free_port() if port is None else port
     address = f"127.0.0.1:{port}"
     process = subprocess.Popen(
         [

@@ -1,1 +1,2 @@
-"""Stripe listener: turns Stripe events into AddCredits calls over gRPC. Not built yet."""
+"""Stripe listener: verifies Stripe webhooks, keeps them in a durable inbox, and turns them into
+credits-service calls (AddCredits, ClawBack, SetAccountStatus) over gRPC. See docs/billing.md."""
