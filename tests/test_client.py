@@ -467,3 +467,18 @@ async def test_metered_raises_insufficient_credits_before_the_block_runs(
             ran = True
     assert not ran
     assert await available(client, account) == (2, 0)
+
+
+async def test_client_locks_unlocks_and_claws_back(
+    start_server: Any, sqlite_url: str, accounts: Callable[[str], str]
+) -> None:
+    server = await start_server(sqlite_url)
+    account = accounts("admin")
+    async with CreditsClient(server.address) as client:
+        granted = await client.add_credits(account, 50, idempotency_key="g", source="purchase")
+        assert (await client.set_account_status(account, locked=True, reason="review")).changed
+        with pytest.raises(AccountLocked):
+            await client.reserve(account, 1, idempotency_key="r")
+        assert (await client.set_account_status(account, locked=False)).changed
+        clawed = await client.claw_back(account, granted.grant.grant_id, 80, idempotency_key="c")
+        assert (clawed.amount_clawed_back, clawed.shortfall) == (50, 30)

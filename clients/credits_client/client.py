@@ -152,6 +152,49 @@ class CreditsClient:
         request = credits_pb2.ReleaseRequest(account_id=account_id, reservation_id=reservation_id)
         return await _call(self._stub.Release, request, request_id, timeout_seconds)
 
+    async def set_account_status(
+        self,
+        account_id: str,
+        *,
+        locked: bool,
+        reason: str = "",
+        request_id: str = "",
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> credits_pb2.SetAccountStatusResponse:
+        """Locks (no new reservations) or unlocks an account; `changed` is False when it
+        already had that status."""
+        request = credits_pb2.SetAccountStatusRequest(
+            account_id=account_id,
+            status=credits_pb2.ACCOUNT_STATUS_LOCKED
+            if locked
+            else credits_pb2.ACCOUNT_STATUS_ACTIVE,
+            reason=reason,
+        )
+        return await _call(self._stub.SetAccountStatus, request, request_id, timeout_seconds)
+
+    async def claw_back(
+        self,
+        account_id: str,
+        grant_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        action: str = "",
+        request_id: str = "",
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> credits_pb2.ClawBackResponse:
+        """Takes back up to `amount` unspent credits of a grant; what it could not take is the
+        response's `shortfall`."""
+        request = credits_pb2.ClawBackRequest(
+            account_id=account_id,
+            grant_id=grant_id,
+            amount=amount,
+            idempotency_key=idempotency_key,
+            action=action,
+            request_id=request_id,
+        )
+        return await _call(self._stub.ClawBack, request, request_id, timeout_seconds)
+
     async def add_credits(
         self,
         account_id: str,
