@@ -472,3 +472,42 @@ async def test_idempotency_keys_are_kept_for_the_retention_then_pruned(
     while await ledger.prune_idempotency_keys():
         pass
     assert (await ledger.add_credits(command, CALLER)).grant != first.grant  # a new grant
+
+
+async def test_releasing_after_the_ttl_before_any_sweep_returns_the_expired_hold(
+    ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    a = accounts("a")
+    await grant(ledger, a, 100, "g1")
+    rid = await reserve(ledger, a, 40, "r1", ttl_seconds=5)
+    clock.advance_seconds(5)
+    first = await ledger.release(ReleaseCommand(a, rid), CALLER)
+    assert (first.reservation.status, first.entry.kind) == (
+        ReservationStatus.EXPIRED,
+        EntryKind.HOLD_EXPIRY,
+    )
+    assert await ledger.release(ReleaseCommand(a, rid), CALLER) == first
+    assert await available(ledger, a) == 100
+
+
+async def test_a_grant_retried_after_its_expiry_returns_the_first_outcome(
+    ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    a = accounts("a")
+    command = AddCreditsCommand(
+        a, "default", 10, "g1", GrantSource.PROMOTION, expires_at_us=clock.now_us() + 10 * SECOND_US
+    )
+    first = await ledger.add_credits(command, CALLER)
+    clock.advance_seconds(10)
+    assert await ledger.add_credits(command, CALLER) == first
+    with pytest.raises(InvalidRequest) as error:  # a new key with the same times is untimely
+        await ledger.add_credits(
+            AddCreditsCommand(
+                a, "default", 10, "g2", GrantSource.PROMOTION, expires_at_us=command.expires_at_us
+            ),
+            CALLER,
+        )
+    assert error.value.violations[0].field == "expires_at"
+    await ledger.add_credits(  # and the rejected key was not used up
+        AddCreditsCommand(a, "default", 10, "g2", GrantSource.PROMOTION), CALLER
+    )

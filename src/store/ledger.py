@@ -231,7 +231,7 @@ class Ledger:
     # ---- AddCredits --------------------------------------------------------------------------
 
     async def add_credits(self, cmd: AddCreditsCommand, caller: Caller) -> GrantResult:
-        validation.validate_add_credits(cmd, self.clock.now_us(), caller)
+        untimely = validation.validate_add_credits(cmd, self.clock.now_us(), caller)
         assert cmd.source is not None, "validation requires a source"
         request = {
             "credit_type": cmd.credit_type,
@@ -256,6 +256,8 @@ class Ledger:
             )
             if stored is not None:
                 return _expect(stored, GrantResult)
+            if untimely is not None:
+                raise untimely  # a new key: the times must be valid now (rolls the claim back)
             outcome = await self._add_credits(conn, cmd, caller)
             await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
             return outcome
@@ -525,9 +527,12 @@ class Ledger:
                     conn, reservation, resolution_sequence, resolution, amount
                 )
             if now_us >= reservation.expires_at_us:
-                # The clock decides once: past the TTL the hold is expired, sweeper or not.
-                await self._settle(conn, wallet, reservation, "expire", 0, now_us, _system(caller))
-                return _expired_conflict(reservation)
+                # The clock decides once: past the TTL the hold is expired, sweeper or not. A
+                # commit fails; a release gets the expired hold, as it would after a sweep.
+                expired = await self._settle(
+                    conn, wallet, reservation, "expire", 0, now_us, _system(caller)
+                )
+                return expired if resolution == "release" else _expired_conflict(reservation)
             consumed = (
                 (reservation.amount if amount is None else amount) if resolution == "commit" else 0
             )

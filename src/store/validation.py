@@ -161,7 +161,13 @@ def check_time(v: Violations, field: str, value_us: int | None) -> bool:
     return False
 
 
-def validate_add_credits(cmd: AddCreditsCommand, now_us: int, caller: Caller) -> None:
+def validate_add_credits(
+    cmd: AddCreditsCommand, now_us: int, caller: Caller
+) -> InvalidRequest | None:
+    """Raises for problems of the request itself. Returns (does not raise) an InvalidRequest
+    when the only problems are relative to now (effective_at, expires_at): a retry of a key
+    whose first outcome is stored must get that outcome even after its expires_at has passed,
+    so the caller raises this only once the key turns out to be new."""
     v = Violations()
     check_labels(v, caller.action, caller.request_id)
     if cmd.source is None:
@@ -190,6 +196,7 @@ def validate_add_credits(cmd: AddCreditsCommand, now_us: int, caller: Caller) ->
         v, "expires_at", cmd.expires_at_us
     ):
         v.raise_if_any()
+    static_problems = len(v.items)
     effective_at_us = now_us if cmd.effective_at_us is None else cmd.effective_at_us
     if not (
         now_us - limits.GRANT_EFFECTIVE_PAST_MAX_US
@@ -202,7 +209,9 @@ def validate_add_credits(cmd: AddCreditsCommand, now_us: int, caller: Caller) ->
             v.add("expires_at", "must be in the future and after effective_at")
         elif cmd.expires_at_us > now_us + limits.GRANT_EXPIRES_FUTURE_MAX_US:
             v.add("expires_at", "must be at most 10 years in the future")
-    v.raise_if_any()
+    if static_problems:
+        v.raise_if_any()  # every problem at once, the time-relative ones included
+    return InvalidRequest(v.items) if v.items else None
 
 
 def validate_reserve(cmd: ReserveCommand, ttl_seconds_max: int, caller: Caller) -> None:
