@@ -51,7 +51,10 @@ def create_engine(url: str, pool: PoolSettings | None = None) -> AsyncEngine:
         pool_size=pool.size,
         max_overflow=pool.overflow_max,
         pool_timeout=pool.checkout_timeout_seconds,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip on every checkout (measured: ~4% of server CPU on
+        # Reserve). A dead connection fails its call with UNAVAILABLE (retryable, nothing
+        # changed) and SQLAlchemy then discards the pool's connections of that age.
+        pool_pre_ping=False,
         pool_recycle=1800,
         # READ COMMITTED with explicit row locks: each writer locks its wallet row first.
         isolation_level="READ COMMITTED",
