@@ -257,7 +257,7 @@ async def start_server(
     yield start
     for server in running:
         await server.channel.close()
-        await server.app.stop(grace_seconds=0)
+        await asyncio.wait_for(server.app.stop(grace_seconds=0), 30)
         await assert_audit_clean(server.app.config.database_url, accounts.prefix)  # type: ignore[attr-defined]
 
 

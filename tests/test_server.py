@@ -22,6 +22,8 @@ from tcp_proxy import TcpProxy
 
 from credits.v1 import credits_pb2 as pb
 from credits.v1 import credits_pb2_grpc
+from server.app import CreditsApp
+from server.config import ServerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GRPCURL = shutil.which("grpcurl", path=str(pathlib.Path(sys.executable).parent)) or "grpcurl"
@@ -154,41 +156,52 @@ async def test_an_expired_deadline_changes_nothing(
 @pytest.mark.postgres
 @pytest.mark.slow
 async def test_health_reports_not_serving_while_the_database_is_unreachable_and_recovers(
-    start_server: Any, postgres_url: str, accounts: Accounts
+    postgres_url: str, accounts: Accounts
 ) -> None:
     url = make_url(postgres_url)
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     proxy_port = await proxy.start()
     proxied = url.set(host="127.0.0.1", port=proxy_port).render_as_string(hide_password=False)
-    server = await start_server(proxied, health_probe_interval_seconds=0.2)
-    health = health_pb2_grpc.HealthStub(server.channel)
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        database_url=proxied,
+        health_probe_interval_seconds=0.2,
+        sweep_interval_seconds=3600,
+    )
+    app = CreditsApp(config)
+    port = await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = credits_pb2_grpc.CreditsServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
     account = accounts("a")
 
     async def status() -> int:
-        return (
-            await health.Check(health_pb2.HealthCheckRequest(service="credits.v1.CreditsService"))
-        ).status
+        request = health_pb2.HealthCheckRequest(service="credits.v1.CreditsService")
+        return (await health.Check(request)).status
 
-    assert await status() == health_pb2.HealthCheckResponse.SERVING
-    await proxy.cut()
-    await asyncio.sleep(1.0)
-    assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
-    for call in (
-        server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account, consistent=True)),
-        server.stub.Reserve(pb.ReserveRequest(account_id=account, amount=1, idempotency_key="r")),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await call
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
-    await proxy.start()
-    await asyncio.sleep(1.0)
-    assert await status() == health_pb2.HealthCheckResponse.SERVING
-    balance = await server.stub.CheckCredits(
-        pb.CheckCreditsRequest(account_id=account, consistent=True)
-    )
-    assert balance.available == 0
-    await proxy.cut()  # the server keeps its (proxied) URL; the fixture audits the real one
-    await proxy.start()
+    try:
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+        await proxy.cut()
+        await asyncio.sleep(1.0)
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        for call in (
+            stub.CheckCredits(pb.CheckCreditsRequest(account_id=account, consistent=True)),
+            stub.Reserve(pb.ReserveRequest(account_id=account, amount=1, idempotency_key="r")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
+        await proxy.start()
+        await asyncio.sleep(1.0)
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+        balance = await stub.CheckCredits(
+            pb.CheckCreditsRequest(account_id=account, consistent=True)
+        )
+        assert balance.available == 0
+    finally:
+        await channel.close()
+        await asyncio.wait_for(app.stop(grace_seconds=0), 30)  # while the proxy is up
+        await proxy.cut()
 
 
 async def test_insufficient_credits_is_a_rich_failed_precondition(

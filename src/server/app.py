@@ -25,6 +25,8 @@ log = logging.getLogger("credits.server")
 
 # A database ping slower than this counts as "unreachable" for the health service.
 HEALTH_PING_TIMEOUT_SECONDS = 2.0
+# On shutdown, closing the cache client or the database pool may take at most this long each.
+CLOSE_TIMEOUT_SECONDS = 5.0
 
 
 class CreditsApp:
@@ -96,8 +98,15 @@ class CreditsApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.cache.close()
-        await self.engine.dispose()
+        # Bounded: a connection left half-open by a network fault must not hold shutdown hostage.
+        for name, closing in (
+            ("cache", self.cache.close()),
+            ("database pool", self.engine.dispose()),
+        ):
+            try:
+                await asyncio.wait_for(closing, CLOSE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                log.warning("closing the %s took over %s s; abandoned", name, CLOSE_TIMEOUT_SECONDS)
         log.info("stopped")
 
     async def _probe_database(self) -> bool:
