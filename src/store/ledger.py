@@ -105,6 +105,7 @@ _written_snapshot: ContextVar[tuple[str, str, WalletSnapshot] | None] = ContextV
 )
 Resolution = Literal["commit", "release", "expire"]
 T = TypeVar("T")
+R = TypeVar("R", GrantResult, ReservationResult, ClawBackResult)
 
 
 def _finish(outcome: T | LedgerError) -> T:
@@ -169,6 +170,36 @@ class Ledger:
             return await rows.read_account_snapshot(conn, account_id)
 
         return await self.transactor.read(work)
+
+    async def _once_per_key(
+        self,
+        account_id: str,
+        idempotency_key: str,
+        operation: str,
+        request: idempotency.RequestFields,
+        result_kind: type[R],
+        apply: Callable[[AsyncConnection], Awaitable[R | BusinessFailure]],
+    ) -> R:
+        """Runs `apply` at most once per idempotency key, in one transaction with the key's
+        claim: the first completed outcome (result or business failure) is stored under the key
+        and every later request with the same key and the same fields gets it back. Anything
+        `apply` raises rolls the claim back, so invalid requests and transient failures leave
+        the key free."""
+
+        async def work(conn: AsyncConnection) -> R | BusinessFailure:
+            now_us = self.clock.now_us()
+            stored = await idempotency.claim(
+                conn, account_id, idempotency_key, operation, request, now_us
+            )
+            if stored is not None:
+                return _expect(stored, result_kind)
+            outcome = await apply(conn)
+            await idempotency.record(conn, account_id, idempotency_key, outcome)
+            return outcome
+
+        outcome = await self._write(work)
+        await self._publish()
+        return _finish(outcome)
 
     async def _write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """A write transaction whose journal entries leave their wallet snapshot behind."""
@@ -245,26 +276,14 @@ class Ledger:
             "action": caller.action,
         }
 
-        async def work(conn: AsyncConnection) -> GrantResult | LedgerError:
-            stored = await idempotency.claim(
-                conn,
-                cmd.account_id,
-                cmd.idempotency_key,
-                "add_credits",
-                request,
-                self.clock.now_us(),
-            )
-            if stored is not None:
-                return _expect(stored, GrantResult)
+        async def apply(conn: AsyncConnection) -> GrantResult | BusinessFailure:
             if untimely is not None:
                 raise untimely  # a new key: the times must be valid now (rolls the claim back)
-            outcome = await self._add_credits(conn, cmd, caller)
-            await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
-            return outcome
+            return await self._add_credits(conn, cmd, caller)
 
-        outcome = await self._write(work)
-        await self._publish()
-        return _finish(outcome)
+        return await self._once_per_key(
+            cmd.account_id, cmd.idempotency_key, "add_credits", request, GrantResult, apply
+        )
 
     async def _add_credits(
         self, conn: AsyncConnection, cmd: AddCreditsCommand, caller: Caller
@@ -365,19 +384,12 @@ class Ledger:
             "action": caller.action,
         }
 
-        async def work(conn: AsyncConnection) -> ReservationResult | LedgerError:
-            stored = await idempotency.claim(
-                conn, cmd.account_id, cmd.idempotency_key, "reserve", request, self.clock.now_us()
-            )
-            if stored is not None:
-                return _expect(stored, ReservationResult)
-            outcome = await self._reserve(conn, cmd, caller)
-            await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
-            return outcome
+        async def apply(conn: AsyncConnection) -> ReservationResult | BusinessFailure:
+            return await self._reserve(conn, cmd, caller)
 
-        outcome = await self._write(work)
-        await self._publish()
-        return _finish(outcome)
+        return await self._once_per_key(
+            cmd.account_id, cmd.idempotency_key, "reserve", request, ReservationResult, apply
+        )
 
     async def _reserve(
         self, conn: AsyncConnection, cmd: ReserveCommand, caller: Caller
@@ -848,17 +860,7 @@ class Ledger:
         validation.validate_claw_back(cmd, caller)
         request = {"grant_id": cmd.grant_id, "amount": cmd.amount, "action": caller.action}
 
-        async def work(conn: AsyncConnection) -> ClawBackResult | LedgerError:
-            stored = await idempotency.claim(
-                conn,
-                cmd.account_id,
-                cmd.idempotency_key,
-                "claw_back",
-                request,
-                self.clock.now_us(),
-            )
-            if stored is not None:
-                return _expect(stored, ClawBackResult)
+        async def apply(conn: AsyncConnection) -> ClawBackResult:
             credit_type = await conn.scalar(
                 select(grants.c.credit_type).where(
                     grants.c.account_id == cmd.account_id, grants.c.grant_id == cmd.grant_id
@@ -900,13 +902,11 @@ class Ledger:
                     )
                 )
             ).one()
-            outcome = ClawBackResult(rows.grant_from_row(row), cmd.amount, taken, entry)
-            await idempotency.record(conn, cmd.account_id, cmd.idempotency_key, outcome)
-            return outcome
+            return ClawBackResult(rows.grant_from_row(row), cmd.amount, taken, entry)
 
-        outcome = await self._write(work)
-        await self._publish()
-        return _finish(outcome)
+        return await self._once_per_key(
+            cmd.account_id, cmd.idempotency_key, "claw_back", request, ClawBackResult, apply
+        )
 
     # ---- journal -----------------------------------------------------------------------------
 
