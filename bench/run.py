@@ -1,0 +1,1103 @@
+"""`make bench`: the credits server against this machine's ceilings, in one run.
+
+Creates a throwaway database, migrates and seeds it, starts the real server (with Redis), the
+no-op gRPC server (the gRPC ceiling) and the naive Reserve server (the naive-service ceiling),
+drives each scenario over real gRPC with h2load or h2gen, measures throughput, latency and the
+CPU of server, Postgres, Redis and generator, audits the journal after every scenario, prints
+a table and writes bench/results/latest.json. See bench/README.md.
+
+Options (environment, or make variables: `make bench SCALE=1 SOAK=600`):
+    SCALE=1            then load 1,000,000 wallets / ~10,000,000 journal rows and run again
+    SOAK=SECONDS       then run the mixed flow at half its peak and sample the server's RSS
+    SWEEP=1            then run CheckCredits and Reserve (and ceilings) at several concurrencies
+    SCENARIOS=a,b      only these scenarios (names in the table; ceilings are kept)
+    PROFILE=1          record py-spy flame graphs of the server (needs py-spy in .venv)
+    BENCH_DURATION=8 BENCH_WARMUP=2 BENCH_CONNECTIONS=2 BENCH_STREAMS=32 BENCH_WALLETS=10000
+    BENCH_GEN_WORKERS=1 BENCH_SERVER_ARGS="--db-pool-size 20" BENCH_KEEP=1 (keep db and logs)
+    BENCH_FULL_AUDIT=1 (SCALE: also audit all 10,000,000 journal rows at the end; minutes)
+    BENCH_SCALE_WALLETS BENCH_CEILING_LOOP BENCH_NAIVE_POOL SWEEP_LEVELS: see bench/README.md
+    CREDITS_BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres)
+    CREDITS_BENCH_REDIS_URL (default redis://127.0.0.1:6379/0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import redis.asyncio as redis_asyncio
+import seed
+from loadgen import Load, Measured, Meters, h2load_available, latency_summary, run_load, timed
+from procstat import machine_busy_seconds, tree_rss_bytes
+
+from credits.v1 import credits_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+RESULTS = ROOT / "bench" / "results"
+ACCOUNT_PREFIX = "bench:"
+HOT_ACCOUNT = "hot:0000000"
+WALLET_BALANCE = 1_000_000_000
+HOT_BALANCE = 1_000_000_000_000
+# Wallet i of the scale load (BENCH_SCALE_WALLETS, default 1,000,000) has 4 + i % 2 committed
+# reservations: 1 + 2 * 4.5 = 10 journal rows per wallet on average, 10,000,000 in all.
+SCALE_HISTORY_PAIRS = 4
+# Replaying 10,000,000 journal rows takes minutes, so at scale each scenario audits a sample: the
+# first 10,000 wallets (about 1% of the scale scenarios' writes land there) and the hot wallet.
+# BENCH_FULL_AUDIT=1 adds one audit of everything at the end.
+SCALE_AUDIT_PREFIXES = ("bench:000", "hot:")
+READY_TIMEOUT_SECONDS = 60.0
+CANARY_INTERVAL_SECONDS = 0.05
+# Cores busy before the bench starts above which its figures are flagged as disturbed.
+IDLE_CORES_MAX = 0.2
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _env_flag(name: str) -> bool:
+    return (os.environ.get(name) or "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    postgres_url: str
+    redis_url: str
+    wallets: int
+    duration: float
+    warmup: float
+    connections: int
+    streams: int
+    gen_workers: int
+    scale: bool
+    scale_wallets: int
+    soak_seconds: int
+    sweep: bool
+    sweep_levels: tuple[int, ...]
+    only: frozenset[str]
+    profile: bool
+    full_audit: bool
+    keep: bool
+    server_args: tuple[str, ...]
+    ceiling_loop: str
+    naive_pool: int
+
+    @staticmethod
+    def from_env() -> Settings:
+        try:
+            import uvloop  # noqa: F401
+
+            default_loop = "uvloop"
+        except ImportError:
+            default_loop = "asyncio"
+        return Settings(
+            postgres_url=os.environ.get("CREDITS_BENCH_POSTGRES_URL")
+            or "postgresql://postgres@127.0.0.1:5432/postgres",
+            redis_url=os.environ.get("CREDITS_BENCH_REDIS_URL") or "redis://127.0.0.1:6379/0",
+            wallets=_env_int("BENCH_WALLETS", 10_000),
+            duration=_env_float("BENCH_DURATION", 8.0),
+            warmup=_env_float("BENCH_WARMUP", 2.0),
+            connections=_env_int("BENCH_CONNECTIONS", 2),
+            streams=_env_int("BENCH_STREAMS", 32),
+            gen_workers=_env_int("BENCH_GEN_WORKERS", 1),
+            scale=_env_flag("SCALE"),
+            scale_wallets=_env_int("BENCH_SCALE_WALLETS", 1_000_000),
+            soak_seconds=_env_int("SOAK", 0),
+            sweep=_env_flag("SWEEP"),
+            sweep_levels=tuple(
+                int(x) for x in (os.environ.get("SWEEP_LEVELS") or "1,4,16,64,256").split(",")
+            ),
+            only=frozenset(x for x in (os.environ.get("SCENARIOS") or "").split(",") if x),
+            profile=_env_flag("PROFILE"),
+            full_audit=_env_flag("BENCH_FULL_AUDIT"),
+            keep=_env_flag("BENCH_KEEP"),
+            server_args=tuple(shlex.split(os.environ.get("BENCH_SERVER_ARGS") or "")),
+            ceiling_loop=os.environ.get("BENCH_CEILING_LOOP") or default_loop,
+            naive_pool=_env_int("BENCH_NAIVE_POOL", 10),
+        )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    target: str  # "server", "noop" or "naive"
+    generator: str  # "h2load" or "h2gen"
+    workload: str
+    ceiling: str | None = None  # the scenario whose throughput this one is a ratio of
+    half_of: str | None = None  # paced at half of that scenario's throughput
+    ceiling_only: bool = False
+    wallets: int | None = None  # draw from this many wallets instead of all of them
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("ceiling_grpc", "gRPC ceiling: no-op CheckCredits", "noop", "h2load", "check",
+             ceiling_only=True),
+    Scenario("check_cached", "CheckCredits, cached wallet", "server", "h2load", "check",
+             ceiling="ceiling_grpc"),
+    # Paced by h2gen: h2load's --rps sends in bursts (see bench/README.md).
+    Scenario("check_cached_half", "CheckCredits at half its peak", "server", "h2gen", "check",
+             half_of="check_cached", wallets=1),
+    Scenario("ceiling_grpc_h2gen", "gRPC ceiling via h2gen (generator check)", "noop", "h2gen",
+             "check", ceiling_only=True),
+    Scenario("ceiling_naive", "naive ceiling: bare reserve SQL", "naive", "h2gen", "reserve",
+             ceiling_only=True),
+    Scenario("reserve_uniform", "Reserve, uniform wallets", "server", "h2gen", "reserve",
+             ceiling="ceiling_naive"),
+    Scenario("reserve_uniform_half", "Reserve at half its peak", "server", "h2gen", "reserve",
+             half_of="reserve_uniform"),
+    Scenario("reserve_commit", "Reserve -> Commit, uniform", "server", "h2gen", "reserve_commit",
+             ceiling="ceiling_naive"),
+    Scenario("reserve_hot", "Reserve, one hot wallet", "server", "h2gen", "reserve_hot",
+             ceiling="ceiling_naive"),
+    Scenario("add_credits", "AddCredits, uniform wallets", "server", "h2gen", "add"),
+    Scenario("history", "History first page, uniform", "server", "h2gen", "history"),
+    Scenario("history_half", "History at half its peak", "server", "h2gen", "history",
+             half_of="history"),
+)  # fmt: skip
+SCALE_SCENARIOS = ("check_cached", "check_cached_half", "reserve_uniform", "reserve_uniform_half",
+                   "reserve_commit", "reserve_hot", "add_credits", "history",
+                   "history_half")  # fmt: skip
+
+
+def grpc_frame(message: Any) -> bytes:
+    body: bytes = message.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def database_url(admin_url: str, name: str) -> str:
+    parts = urlsplit(admin_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def command_output(*args: str, cwd: Path = ROOT) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    return process.returncode or 0, output.decode(errors="replace").strip()
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+async def machine_info() -> dict[str, Any]:
+    cpuinfo = _read_text("/proc/cpuinfo")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line),
+        platform.processor(),
+    )
+    meminfo = _read_text("/proc/meminfo")
+    mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if "MemTotal" in line), 0)
+    _, h2load_version = await command_output("h2load", "--version")
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "h2load": h2load_version,
+    }
+
+
+async def git_info() -> dict[str, Any]:
+    _, commit = await command_output("git", "rev-parse", "HEAD")
+    _, status = await command_output("git", "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status)}
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    process: asyncio.subprocess.Process
+    target: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def stop(self) -> None:
+        if self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), 20)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+def _open_log(path: Path) -> Any:
+    return path.open("wb")
+
+
+async def start_process(name: str, args: list[str], workdir: Path, target: str) -> ServerProcess:
+    log_path = workdir / f"{name}.log"
+    log = _open_log(log_path)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *args, cwd=ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT
+        )
+    finally:
+        log.close()
+    server = ServerProcess(name, process, target, log_path)
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    async with grpc.aio.insecure_channel(target) as channel:
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(f"{name} exited at start:\n{_read_text(str(log_path))}")
+            try:
+                await asyncio.wait_for(channel.channel_ready(), 1.0)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_SECONDS}s") from None
+    return server
+
+
+async def unary(target: str, method: str, body: bytes, seconds: float = 10.0) -> bytes:
+    """One call with pre-serialized bytes (no 5-byte prefix); raises grpc.aio.AioRpcError."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            f"/credits.v1.CreditsService/{method}",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        response: bytes = await call(body, timeout=seconds)
+        return response
+
+
+async def run_canary(target: str, body: bytes, stop: asyncio.Event) -> dict[str, int]:
+    """Calls with h2load's own request bytes every CANARY_INTERVAL_SECONDS while h2load runs, to
+    see the gRPC statuses that h2load cannot (it counts HTTP statuses, and a gRPC error is an
+    HTTP 200 whose trailers say so)."""
+    statuses: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            "/credits.v1.CreditsService/CheckCredits",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        while not stop.is_set():
+            try:
+                await call(body, timeout=10)
+                code = "OK"
+            except grpc.aio.AioRpcError as error:
+                code = error.code().name
+            statuses[code] = statuses.get(code, 0) + 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CANARY_INTERVAL_SECONDS)
+    return statuses
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+class Bench:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.run_id = secrets.token_hex(4)
+        self.db_name = f"bench_{self.run_id}"
+        self.db_url = database_url(settings.postgres_url, self.db_name)
+        self.namespace = f"bench-{self.run_id}:"
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"credits-bench-{self.run_id}-"))
+        self.servers: dict[str, ServerProcess] = {}
+        self.meter_conn: asyncpg.Connection | None = None
+        self.postgres_local = False
+        self.redis_pid: int | None = None
+        self.results: dict[str, dict[str, Any]] = {}
+        self.problems: list[str] = []
+        self.report: dict[str, Any] = {}
+        self.wallets = settings.wallets
+        self.created_at_us = (time.time_ns() // 1000) - 86_400_000_000
+
+    # ---- setup and teardown ----------------------------------------------------------------
+
+    async def setup(self) -> None:
+        admin = await asyncpg.connect(self.settings.postgres_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{self.db_name}"')
+            self.report["postgres"] = {
+                "version": await admin.fetchval("SHOW server_version"),
+                "shared_buffers": await admin.fetchval("SHOW shared_buffers"),
+                "synchronous_commit": await admin.fetchval("SHOW synchronous_commit"),
+                "fsync": await admin.fetchval("SHOW fsync"),
+                "max_connections": await admin.fetchval("SHOW max_connections"),
+            }
+        finally:
+            await admin.close()
+        code, output = await command_output(
+            str(BIN / "credits-server"), "migrate", "--database-url", self.db_url
+        )
+        if code:
+            raise RuntimeError(f"migrate failed:\n{output}")
+        self.meter_conn = await asyncpg.connect(self.db_url)
+        own_pid = await self.meter_conn.fetchval("SELECT pg_backend_pid()")
+        self.postgres_local = _read_text(f"/proc/{own_pid}/comm").strip() == "postgres"
+        client = redis_asyncio.from_url(self.settings.redis_url)
+        try:
+            info = await client.info("server")
+            self.report["redis"] = {"version": info.get("redis_version")}
+            pid = int(info.get("process_id", 0))
+            if _read_text(f"/proc/{pid}/comm").startswith("redis"):
+                self.redis_pid = pid
+        finally:
+            await client.aclose()
+
+    async def seed(self) -> None:
+        assert self.meter_conn is not None
+        conn = self.meter_conn
+        with timed() as took:
+            await seed.seed_wallets(
+                conn,
+                seed.WalletRange(
+                    ACCOUNT_PREFIX, 0, self.wallets, WALLET_BALANCE, self.created_at_us
+                ),
+            )
+            await seed.seed_wallets(
+                conn, seed.WalletRange("hot:", 0, 1, HOT_BALANCE, self.created_at_us)
+            )
+            await seed.create_naive_tables(conn)
+            await seed.seed_naive(
+                conn,
+                seed.WalletRange(
+                    ACCOUNT_PREFIX, 0, self.wallets, WALLET_BALANCE, self.created_at_us
+                ),
+            )
+            await seed.analyze(conn)
+        self.report["seed"] = {
+            "wallets": self.wallets,
+            "journal_rows": await conn.fetchval("SELECT count(*) FROM journal"),
+            "seconds": took["seconds"],
+        }
+        print(f"seeded {self.wallets:,} wallets in {took['seconds']} s", flush=True)
+
+    async def start_servers(self) -> None:
+        port = free_port()
+        self.servers["server"] = await start_process(
+            "server",
+            [
+                str(BIN / "credits-server"),
+                "--listen", f"127.0.0.1:{port}",
+                "--database-url", self.db_url,
+                "--redis-url", self.settings.redis_url,
+                "--redis-namespace", self.namespace,
+                "--log-level", "WARNING",
+                *self.settings.server_args,
+            ],
+            self.workdir,
+            f"127.0.0.1:{port}",
+        )  # fmt: skip
+        loop_flag = ["--uvloop"] if self.settings.ceiling_loop == "uvloop" else []
+        port = free_port()
+        self.servers["noop"] = await start_process(
+            "noop",
+            [sys.executable, str(ROOT / "bench" / "noop_server.py"),
+             "--listen", f"127.0.0.1:{port}", *loop_flag],
+            self.workdir,
+            f"127.0.0.1:{port}",
+        )  # fmt: skip
+        port = free_port()
+        self.servers["naive"] = await start_process(
+            "naive",
+            [sys.executable, str(ROOT / "bench" / "naive_server.py"),
+             "--listen", f"127.0.0.1:{port}", "--database-url", self.db_url,
+             "--pool-size", str(self.settings.naive_pool), *loop_flag],
+            self.workdir,
+            f"127.0.0.1:{port}",
+        )  # fmt: skip
+
+    async def teardown(self, failed: bool) -> None:
+        for server in self.servers.values():
+            with contextlib.suppress(ProcessLookupError):
+                await server.stop()
+        if self.meter_conn is not None:
+            await self.meter_conn.close()
+        client = redis_asyncio.from_url(self.settings.redis_url)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{self.namespace}*", count=1000)]
+            for start in range(0, len(keys), 1000):
+                await client.unlink(*keys[start : start + 1000])
+        finally:
+            await client.aclose()
+        if self.settings.keep:
+            print(f"kept database {self.db_name} and logs in {self.workdir}")
+            return
+        admin = await asyncpg.connect(self.settings.postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        if failed:
+            print(f"logs kept in {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- measuring -------------------------------------------------------------------------
+
+    async def postgres_pids(self) -> list[int]:
+        assert self.meter_conn is not None
+        rows = await self.meter_conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE (datname = $1 OR backend_type <> "
+            "'client backend') AND pid <> pg_backend_pid()",
+            self.db_name,
+        )
+        return [int(row["pid"]) for row in rows]
+
+    def meters(self, target: str) -> Meters:
+        return Meters(
+            [self.servers[target].pid],
+            self.postgres_pids if self.postgres_local else None,
+            self.redis_pid,
+        )
+
+    async def journal_entries(self) -> int:
+        assert self.meter_conn is not None
+        return int(await self.meter_conn.fetchval("SELECT sum(last_sequence) FROM wallets"))
+
+    async def naive_holds(self) -> int:
+        assert self.meter_conn is not None
+        return int(await self.meter_conn.fetchval("SELECT count(*) FROM naive_holds"))
+
+    async def audit(self, prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The journal audit: all accounts, or only those starting with `prefixes`."""
+        commands = (
+            [[str(BIN / "credits-audit"), "--account-prefix", p, "--database-url", self.db_url]
+             for p in prefixes]
+            if prefixes
+            else [[str(BIN / "credits-server"), "audit", "--database-url", self.db_url]]
+        )  # fmt: skip
+        codes: list[int] = []
+        lines: list[str] = []
+        with timed() as took:
+            for command in commands:
+                code, output = await command_output(*command)
+                codes.append(code)
+                lines.extend(output.splitlines())
+        summaries = [line for line in lines if line.startswith("audited")]
+        return {
+            "clean": not any(codes) and len(summaries) == len(commands),
+            "exit_codes": codes,
+            "account_prefixes": list(prefixes) or None,
+            "seconds": took["seconds"],
+            "summary": "; ".join(summaries) or (lines[-1] if lines else ""),
+            "mismatches": [line for line in lines if line.startswith("MISMATCH")][:20],
+        }
+
+    def check_body(self, account: str) -> bytes:
+        return pb.CheckCreditsRequest(account_id=account, amount=1).SerializeToString()
+
+    async def verify_check_call(self, target: str, body: bytes) -> dict[str, Any]:
+        """h2load cannot see gRPC statuses: call the same bytes ourselves, before and after."""
+        try:
+            response = pb.CheckCreditsResponse.FromString(await unary(target, "CheckCredits", body))
+        except grpc.aio.AioRpcError as error:
+            return {"ok": False, "status": error.code().name, "details": error.details()}
+        return {
+            "ok": response.allowed,
+            "cached": response.cached,
+            "size": len(response.SerializeToString()),
+        }
+
+    async def run(
+        self,
+        scenario: Scenario,
+        *,
+        wallets: int,
+        label: str = "",
+        rate: float = 0.0,
+        connections: int | None = None,
+        streams: int | None = None,
+        duration: float | None = None,
+        audit: bool = True,
+        audit_prefixes: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        s = self.settings
+        name = label or scenario.name
+        server = self.servers[scenario.target]
+        wallets = scenario.wallets or wallets
+        load = Load(
+            generator=scenario.generator,
+            target=server.target,
+            workload=scenario.workload,
+            connections=connections or s.connections,
+            streams=streams or s.streams,
+            warmup=s.warmup,
+            duration=duration or s.duration,
+            rate=rate,
+            account_prefix=ACCOUNT_PREFIX,
+            wallets=wallets,
+            hot_account=HOT_ACCOUNT,
+            run_id=f"{self.run_id}-{name}",
+            workers=s.gen_workers,
+            method="CheckCredits",
+            body=b"",
+        )
+        verify: dict[str, Any] = {}
+        problems: list[str] = []
+        body = b""
+        if scenario.generator == "h2load":
+            body = self.check_body(seed.account_name(ACCOUNT_PREFIX, 0))
+            load = replace(load, body=b"\x00" + len(body).to_bytes(4, "big") + body)
+            await self.verify_check_call(server.target, body)  # fills the cache
+            verify["before"] = await self.verify_check_call(server.target, body)
+        elif scenario.workload == "check" and scenario.wallets == 1:
+            # The one wallet h2gen will read: fill its cache entry.
+            first_wallet = self.check_body(seed.account_name(ACCOUNT_PREFIX, 0))
+            await self.verify_check_call(server.target, first_wallet)
+        journal_before = await self.journal_entries() if scenario.target == "server" else 0
+        holds_before = await self.naive_holds() if scenario.target == "naive" else 0
+        profile = self.start_profile(name, server, load) if s.profile else None
+        stop_canary = asyncio.Event()
+        canary = (
+            asyncio.ensure_future(run_canary(server.target, body, stop_canary))
+            if scenario.generator == "h2load"
+            else None
+        )
+        try:
+            measured = await run_load(load, self.meters(scenario.target), self.workdir, name)
+        finally:
+            stop_canary.set()
+        if profile is not None:
+            await profile
+        if canary is not None:
+            verify["canary_statuses"] = await canary
+            verify["after"] = await self.verify_check_call(server.target, body)
+            if not (verify["before"]["ok"] and verify["after"]["ok"]):
+                problems.append(f"verification call failed: {verify}")
+            if scenario.target == "server" and not verify["before"].get("cached"):
+                problems.append("CheckCredits was not served from the cache")
+            failed_canaries = {k: v for k, v in verify["canary_statuses"].items() if k != "OK"}
+            if failed_canaries:
+                problems.append(f"canary calls failed during the run: {failed_canaries}")
+        if scenario.target == "server":
+            written = await self.journal_entries() - journal_before
+            expected_entries = sum(
+                measured.ok_total.get(kind, 0) for kind in ("reserve", "commit", "add")
+            )
+            verify["journal_entries_written"] = written
+            verify["successful_writes_seen"] = expected_entries
+            if written != expected_entries:
+                problems.append(
+                    f"journal grew by {written} entries but {expected_entries} writes succeeded"
+                )
+        if scenario.target == "naive":
+            written = await self.naive_holds() - holds_before
+            verify["holds_written"] = written
+            if written != measured.ok_total.get("reserve", 0):
+                problems.append(
+                    f"naive holds grew by {written}, {measured.ok_total.get('reserve')} succeeded"
+                )
+        uncached = measured.generator_detail.get("uncached_checks", 0)
+        if scenario.name.startswith("check_cached") and uncached > measured.calls / 100:
+            problems.append(f"{uncached} of the CheckCredits calls were not served from the cache")
+        if measured.errors:
+            problems.append(f"calls failed: {measured.errors}")
+        result = self.summarise(scenario, name, load, measured, verify)
+        if audit and scenario.target == "server":
+            result["audit"] = await self.audit(audit_prefixes)
+            if not result["audit"]["clean"]:
+                problems.append(f"journal audit is dirty: {result['audit']['summary']}")
+        result["problems"] = problems
+        result["ok"] = not problems
+        self.problems.extend(f"{name}: {problem}" for problem in problems)
+        return result
+
+    def summarise(
+        self,
+        scenario: Scenario,
+        name: str,
+        load: Load,
+        measured: Measured,
+        verify: dict[str, Any],
+    ) -> dict[str, Any]:
+        all_latencies = sorted(v for values in measured.latencies_us.values() for v in values)
+        cpu = measured.cpu_seconds
+        cores = {
+            party: (round(value / load.duration, 3) if value is not None else None)
+            for party, value in cpu.items()
+        }
+        calls_per_s = measured.calls / load.duration
+        server_cpu = cpu.get("server")
+        return {
+            "name": name,
+            "scenario": scenario.name,
+            "title": scenario.title,
+            "target": scenario.target,
+            "generator": scenario.generator,
+            "workload": scenario.workload,
+            "connections": load.connections,
+            "streams": load.streams,
+            "concurrency": load.connections * load.streams,
+            "rate_asked": load.rate or None,
+            # Paced runs: did the flows leave on time (at most 1% more than 5 ms late)?
+            "rate_held": (
+                measured.generator_detail.get("late_flows", 0) <= measured.flows / 100
+                if load.rate and load.generator == "h2gen"
+                else None
+            ),
+            "wallets": load.wallets if scenario.generator == "h2gen" else 1,
+            "duration_s": load.duration,
+            "calls": measured.calls,
+            "calls_per_s": round(calls_per_s, 1),
+            "flows_per_s": round(measured.flows / load.duration, 1),
+            "latency": latency_summary(all_latencies),
+            "latency_by_call": {
+                kind: latency_summary(values) for kind, values in measured.latencies_us.items()
+            },
+            "cpu_seconds": cpu,
+            "cpu_cores": cores,
+            "server_cpu_us_per_call": (
+                round(server_cpu / measured.calls * 1e6, 1)
+                if server_cpu is not None and measured.calls
+                else None
+            ),
+            "ok_calls_total": measured.ok_total,
+            "errors": measured.errors,
+            "generator_detail": measured.generator_detail,
+            "verify": verify,
+        }
+
+    def start_profile(self, name: str, server: ServerProcess, load: Load) -> Any:
+        py_spy = BIN / "py-spy"
+        if not py_spy.exists() or server.name != "server":
+            return None
+        out = RESULTS / "profiles" / f"{name}.svg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        delay = load.warmup + (1.5 if load.generator == "h2gen" else 0)
+
+        async def record() -> None:
+            await asyncio.sleep(delay)
+            process = await asyncio.create_subprocess_exec(
+                str(py_spy), "record", "--nonblocking", "-d", str(int(load.duration)),
+                "-p", str(server.pid), "-o", str(out),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            await process.wait()
+
+        return asyncio.ensure_future(record())
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def selected(self, scenario: Scenario) -> bool:
+        only = self.settings.only
+        return not only or scenario.name in only or scenario.ceiling_only
+
+    async def main_scenarios(self) -> None:
+        for scenario in SCENARIOS:
+            if not self.selected(scenario):
+                continue
+            rate = 0.0
+            if scenario.half_of is not None:
+                peak = self.results.get(scenario.half_of)
+                if peak is None:
+                    continue
+                rate = peak["flows_per_s"] / 2
+            result = await self.run(scenario, wallets=self.wallets, rate=rate)
+            self.results[scenario.name] = result
+            print_row(result, self.ratio_of(scenario, result))
+
+    def ratio_of(self, scenario: Scenario, result: dict[str, Any]) -> float | None:
+        if scenario.ceiling is None or scenario.ceiling not in self.results:
+            return None
+        value = ratio(result["calls_per_s"], self.results[scenario.ceiling]["calls_per_s"])
+        result["ratio_to_ceiling"] = {"ceiling": scenario.ceiling, "ratio": value}
+        return value
+
+    async def scale_scenarios(self) -> dict[str, Any]:
+        assert self.meter_conn is not None
+        first = self.wallets
+        count = self.settings.scale_wallets - first
+        print(f"\nloading {count:,} more wallets with history (SCALE=1) ...", flush=True)
+        with timed() as took:
+            await seed.seed_parallel(
+                self.db_url,
+                seed.WalletRange(
+                    ACCOUNT_PREFIX,
+                    first,
+                    count,
+                    WALLET_BALANCE,
+                    self.created_at_us,
+                    SCALE_HISTORY_PAIRS,
+                ),
+                parts=max(1, os.cpu_count() or 1),
+            )
+        with timed() as analyzed:
+            await seed.analyze(self.meter_conn)
+        journal_rows = await self.meter_conn.fetchval("SELECT count(*) FROM journal")
+        print(
+            f"loaded in {took['seconds']} s (+{analyzed['seconds']} s VACUUM ANALYZE): "
+            f"{journal_rows:,} journal rows",
+            flush=True,
+        )
+        section: dict[str, Any] = {
+            "wallets": self.settings.scale_wallets,
+            "journal_rows": journal_rows,
+            "load_seconds": took["seconds"],
+            "analyze_seconds": analyzed["seconds"],
+            "database_size": await self.meter_conn.fetchval(
+                "SELECT pg_size_pretty(pg_database_size(current_database()))"
+            ),
+            "history_plan": await self.history_plan(),
+            "scenarios": {},
+        }
+        print_header(
+            f"SCALE: {self.settings.scale_wallets:,} wallets, {journal_rows:,} journal rows"
+        )
+        by_name = {s.name: s for s in SCENARIOS}
+        for name in SCALE_SCENARIOS:
+            scenario = by_name[name]
+            if not self.selected(scenario) or name not in self.results:
+                continue
+            rate = 0.0
+            if scenario.half_of is not None:
+                peak = section["scenarios"].get(scenario.half_of)
+                if peak is None:
+                    continue
+                rate = peak["flows_per_s"] / 2
+            result = await self.run(
+                scenario,
+                wallets=self.settings.scale_wallets,
+                label=f"scale_{name}",
+                rate=rate,
+                audit_prefixes=SCALE_AUDIT_PREFIXES,
+            )
+            base = self.results[name]["calls_per_s"]
+            result["ratio_to_10k"] = ratio(result["calls_per_s"], base)
+            section["scenarios"][name] = result
+            print_row(result, result["ratio_to_10k"])
+        if self.settings.full_audit:
+            print("full journal audit of the scale data ...", flush=True)
+            section["full_audit"] = await self.audit()
+            print(f"  {section['full_audit']['summary']} in {section['full_audit']['seconds']} s")
+            if not section["full_audit"]["clean"]:
+                self.problems.append(f"scale: full audit is dirty: {section['full_audit']}")
+        return section
+
+    async def history_plan(self) -> list[str]:
+        assert self.meter_conn is not None
+        rows = await self.meter_conn.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) SELECT * FROM journal WHERE account_id = $1 "
+            "ORDER BY created_at_us DESC, credit_type DESC, sequence DESC LIMIT 51",
+            seed.account_name(ACCOUNT_PREFIX, self.settings.scale_wallets // 2),
+        )
+        return [row[0] for row in rows]
+
+    async def soak(self) -> dict[str, Any]:
+        seconds = self.settings.soak_seconds
+        mix = Scenario("soak_peak", "Check -> Reserve -> Commit, peak", "server", "h2gen", "mix")
+        peak = await self.run(mix, wallets=self.wallets, audit=False)
+        print_row(peak, None)
+        rate = peak["flows_per_s"] / 2
+        interval = max(1.0, min(10.0, seconds / 60))
+        server = self.servers["server"]
+        samples: list[tuple[float, float]] = []
+        started = time.monotonic()
+
+        async def sample_rss() -> None:
+            while True:
+                samples.append(
+                    (
+                        round(time.monotonic() - started, 1),
+                        round(tree_rss_bytes(server.pid) / 2**20, 1),
+                    )
+                )
+                await asyncio.sleep(interval)
+
+        sampler = asyncio.ensure_future(sample_rss())
+        try:
+            soak = Scenario("soak", f"mixed flow at half peak for {seconds}s", "server", "h2gen",
+                            "mix")  # fmt: skip
+            result = await self.run(soak, wallets=self.wallets, rate=rate, duration=seconds)
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        print_row(result, None)
+        rss = [mb for _, mb in samples]
+        # Growth is judged from minute 2 (or a fifth of a shorter soak) to the end.
+        settle = min(120.0, seconds / 5)
+        settled = [mb for t, mb in samples if t >= settle] or rss
+        growth = round((settled[-1] - settled[0]) / settled[0], 3) if settled[0] else None
+        section = {
+            "seconds": seconds,
+            "peak": peak,
+            "rate_asked": rate,
+            "result": result,
+            "rss_samples_mb": samples,
+            "rss_first_mb": rss[0],
+            "rss_last_mb": rss[-1],
+            "rss_max_mb": max(rss),
+            "rss_settle_after_s": settle,
+            "rss_growth_after_settle": growth,
+        }
+        print(
+            f"server RSS: first {rss[0]} MB, from {settle:.0f}s {settled[0]} MB, "
+            f"last {rss[-1]} MB, max {max(rss)} MB"
+            + (f", growth {growth * 100:.1f}%" if growth is not None else "")
+        )
+        print("  RSS over time (s: MB): " + ", ".join(f"{t:.0f}: {mb}" for t, mb in samples))
+        return section
+
+    async def sweep(self) -> list[dict[str, Any]]:
+        by_name = {s.name: s for s in SCENARIOS}
+        rows: list[dict[str, Any]] = []
+        print_header("SWEEP: throughput and latency against concurrency")
+        for level in self.settings.sweep_levels:
+            connections = min(level, self.settings.connections)
+            streams = max(1, level // connections)
+            for name in ("ceiling_grpc", "check_cached", "ceiling_naive", "reserve_uniform"):
+                result = await self.run(
+                    by_name[name],
+                    wallets=self.wallets,
+                    label=f"sweep_{name}_c{level}",
+                    connections=connections,
+                    streams=streams,
+                    duration=max(3.0, self.settings.duration / 2),
+                    audit=False,
+                )
+                print_row(result, None)
+                rows.append(result)
+        if rows:
+            audit = await self.audit()
+            if not audit["clean"]:
+                self.problems.append(f"sweep: journal audit is dirty: {audit['summary']}")
+        return rows
+
+    def targets(self) -> list[dict[str, Any]]:
+        r = self.results
+        found: list[dict[str, Any]] = []
+
+        def add(what: str, value: float | None, goal: str, met: bool | None) -> None:
+            found.append({"target": what, "value": value, "goal": goal, "met": met})
+
+        def value_of(name: str, *path: str) -> float | None:
+            node: Any = r.get(name)
+            for key in path:
+                if not isinstance(node, dict):
+                    return None
+                node = node.get(key)
+            return float(node) if isinstance(node, int | float) else None
+
+        check_ratio = value_of("check_cached", "ratio_to_ceiling", "ratio")
+        add("CheckCredits (cache hit) / gRPC ceiling", check_ratio, ">= 0.8",
+            None if check_ratio is None else check_ratio >= 0.8)  # fmt: skip
+        p99 = value_of("check_cached_half", "latency", "p99_ms")
+        add("CheckCredits p99 at half peak (ms)", p99, "<= 5", None if p99 is None else p99 <= 5)
+        reserve_ratio = value_of("reserve_uniform", "ratio_to_ceiling", "ratio")
+        add("Reserve uniform / naive ceiling", reserve_ratio, ">= 1.0",
+            None if reserve_ratio is None else reserve_ratio >= 1.0)  # fmt: skip
+        hot = ratio(
+            value_of("reserve_hot", "calls_per_s"), value_of("reserve_uniform", "calls_per_s")
+        )
+        add("Reserve hot wallet / Reserve uniform", hot, ">= 0.8",
+            None if hot is None else hot >= 0.8)  # fmt: skip
+        p99 = value_of("reserve_uniform_half", "latency", "p99_ms")
+        add("Reserve p99 at half peak (ms)", p99, "<= 10", None if p99 is None else p99 <= 10)
+        scale = self.report.get("scale", {}).get("scenarios", {})
+        scale_label = f"{self.settings.scale_wallets:,}"
+        for name, result in scale.items():
+            if name.endswith("_half"):
+                continue  # paced: its throughput is what was asked
+            value = result.get("ratio_to_10k")
+            add(f"{name} at {scale_label} wallets / at {self.wallets:,}", value, ">= 0.8",
+                None if value is None else value >= 0.8)  # fmt: skip
+        if "history_half" in scale:
+            p99 = scale["history_half"]["latency"].get("p99_ms")
+            add(f"History first page p99 at half peak, {scale_label} wallets (ms)", p99, "<= 20",
+                None if p99 is None else p99 <= 20)  # fmt: skip
+        soak = self.report.get("soak")
+        if soak:
+            growth = soak["rss_growth_after_settle"]
+            add("server RSS growth during soak (after settling)", growth, "<= 0.10",
+                None if growth is None else growth <= 0.10)  # fmt: skip
+            add("server RSS max during soak (MB)", soak["rss_max_mb"], "<= 250",
+                soak["rss_max_mb"] <= 250)  # fmt: skip
+        return found
+
+
+# ---- printing --------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("scenario", 24), ("gen", 6), ("conc", 5), ("calls/s", 8), ("p50 ms", 7), ("p99 ms", 7),
+    ("p99.9 ms", 8), ("server", 6), ("pg", 5), ("redis", 5), ("gen", 5), ("other", 5),
+    ("ratio", 6),
+)  # fmt: skip
+
+
+def print_header(title: str) -> None:
+    print(f"\n{title}")
+    print(
+        "CPU columns are cores used (CPU seconds / window seconds), other = the rest of the "
+        "machine; ratio is to the ceiling"
+    )
+    print("  ".join(f"{name:>{width}}" if i else f"{name:<{width}}"
+                    for i, (name, width) in enumerate(COLUMNS)))  # fmt: skip
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def print_row(result: dict[str, Any], ratio_value: float | None) -> None:
+    latency = result["latency"]
+    cores = result["cpu_cores"]
+    concurrency = (
+        f"{result['rate_asked']:.0f}/s" if result.get("rate_asked") else str(result["concurrency"])
+    )
+    cells = [
+        result["name"] + ("" if result.get("ok", True) else " !"),
+        result["generator"],
+        concurrency,
+        f"{result['calls_per_s']:.0f}",
+        _fmt(latency.get("p50_ms")),
+        _fmt(latency.get("p99_ms")),
+        _fmt(latency.get("p999_ms")),
+        _fmt(cores.get("server")),
+        _fmt(cores.get("postgres")),
+        _fmt(cores.get("redis")),
+        _fmt(cores.get("generator")),
+        _fmt(cores.get("other")),
+        _fmt(ratio_value),
+    ]
+    print(
+        "  ".join(
+            f"{cell:>{width}}" if i else f"{cell:<{width}}"
+            for i, (cell, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True))
+        ),
+        flush=True,
+    )
+
+
+def print_targets(targets: list[dict[str, Any]]) -> None:
+    print("\nTargets (issue 3)")
+    for target in targets:
+        mark = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
+        value = target["value"]
+        shown = "-" if value is None else f"{value:.3g}"
+        print(f"  {mark:>6}  {target['target']}: {shown} (goal {target['goal']})")
+
+
+async def busy_cores(seconds: float = 2.0) -> float:
+    before = machine_busy_seconds()
+    await asyncio.sleep(seconds)
+    return round((machine_busy_seconds() - before) / seconds, 2)
+
+
+def _write_results(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+
+
+async def main() -> int:
+    settings = Settings.from_env()
+    if not h2load_available():
+        print("h2load is missing: apt-get install -y nghttp2-client", file=sys.stderr)
+        return 2
+    bench = Bench(settings)
+    started = time.monotonic()
+    report = bench.report
+    report["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    report["git"] = await git_info()
+    report["machine"] = await machine_info()
+    busy = await busy_cores()
+    report["machine"]["busy_cores_before"] = busy
+    if busy > IDLE_CORES_MAX:
+        print(
+            f"WARNING: {busy:.2f} cores were busy before the bench started; other work on this "
+            "machine lowers every figure (see the 'other' column)",
+            file=sys.stderr,
+        )
+    failed = True
+    try:
+        await bench.setup()
+        await bench.seed()
+        await bench.start_servers()
+        report["settings"] = {
+            "wallets": settings.wallets,
+            "duration_s": settings.duration,
+            "warmup_s": settings.warmup,
+            "connections": settings.connections,
+            "streams_per_connection": settings.streams,
+            "h2gen_workers": settings.gen_workers,
+            "server_args": list(settings.server_args),
+            "ceiling_event_loop": settings.ceiling_loop,
+            "naive_pool_size": settings.naive_pool,
+            "postgres_cpu_measured": bench.postgres_local,
+            "redis_cpu_measured": bench.redis_pid is not None,
+        }
+        print_header(
+            f"credits bench {report['git']['commit'][:10]} on {report['machine']['cpu_model']}"
+        )
+        await bench.main_scenarios()
+        report["scenarios"] = bench.results
+        if settings.soak_seconds:
+            print_header(f"SOAK: {settings.soak_seconds} s at half of the mixed flow's peak")
+            report["soak"] = await bench.soak()
+        if settings.sweep:
+            report["sweep"] = await bench.sweep()
+        if settings.scale:
+            report["scale"] = await bench.scale_scenarios()
+        report["targets"] = bench.targets()
+        print_targets(report["targets"])
+        server_log = _read_text(str(bench.servers["server"].log_path))
+        report["server_log_lines"] = server_log.count("\n")
+        if "Traceback" in server_log or '"level": "ERROR"' in server_log:
+            bench.problems.append(f"the server logged errors: see {bench.workdir}/server.log")
+        failed = bool(bench.problems)
+    finally:
+        report["problems"] = bench.problems
+        report["total_seconds"] = round(time.monotonic() - started, 1)
+        _write_results(RESULTS / "latest.json", report)
+        await bench.teardown(failed)
+    print(f"\nwrote {RESULTS / 'latest.json'} in {report['total_seconds']} s")
+    if bench.problems:
+        print("\nFAILED:", *bench.problems, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
