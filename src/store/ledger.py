@@ -11,7 +11,6 @@ not when the request started waiting.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -35,7 +34,6 @@ from store.errors import (
     LedgerError,
     ReservationNotFound,
     ReservationStateConflict,
-    StoreUnavailable,
 )
 from store.ids import new_id
 from store.model import (
@@ -97,7 +95,6 @@ class LedgerSettings:
             raise ValueError("idempotency keys must be kept at least 24 h (86400 s)")
 
 
-log = logging.getLogger(__name__)
 # The wallet snapshot the current transaction attempt wrote (set by _journal, read after commit).
 # A context variable: each RPC runs in its own task, so calls never see each other's.
 _written_snapshot: ContextVar[tuple[str, str, WalletSnapshot] | None] = ContextVar(
@@ -218,20 +215,6 @@ class Ledger:
             return
         account_id, credit_type, snapshot = written
         await self.cache.put_wallet(account_id, credit_type, snapshot)
-
-    async def _refresh(self, account_id: str, credit_type: str) -> None:
-        """Refreshes the cached snapshot after a committed change. Best effort: the change is
-        already durable, so a failure here must not fail the call; the snapshot's bounded life
-        and its version keep a missed refresh harmless."""
-        if self.cache is None:
-            return
-        try:
-            wallet, account = await self._read_snapshots(account_id, credit_type)
-        except StoreUnavailable:
-            log.warning("cache refresh skipped: database unavailable after commit")
-            return
-        await self.cache.put_wallet(account_id, credit_type, wallet)
-        await self.cache.put_account(account_id, account)
 
     async def get_grant(self, account_id: str, grant_id: str) -> Grant | None:
         async def work(conn: AsyncConnection) -> Grant | None:
@@ -396,7 +379,8 @@ class Ledger:
     ) -> ReservationResult | BusinessFailure:
         wallet = await rows.lock_wallet(conn, cmd.account_id, cmd.credit_type)
         now_us = self.clock.now_us()
-        if await rows.account_status(conn, cmd.account_id) is AccountStatus.LOCKED:
+        account = await rows.read_account_snapshot(conn, cmd.account_id)
+        if account.status is AccountStatus.LOCKED:
             return AccountLocked(cmd.account_id)
         lots, next_change_us = (
             ([], NO_SCHEDULED_CHANGE_US)
@@ -807,7 +791,7 @@ class Ledger:
         caller = caller or Caller()
         validation.validate_account_status(account_id, reason, caller)
 
-        async def work(conn: AsyncConnection) -> AccountStatusChange:
+        async def work(conn: AsyncConnection) -> tuple[AccountStatusChange, AccountSnapshot | None]:
             now_us = self.clock.now_us()
             await conn.execute(
                 rows.upsert(conn, accounts)
@@ -827,7 +811,7 @@ class Ledger:
                 )
             ).one()
             if current.status == status.value:
-                return AccountStatusChange(account_id, status, changed=False)
+                return AccountStatusChange(account_id, status, changed=False), None
             # Never 0 after a change: version 0 is what a cache holds for an account with no row.
             version = max(current.status_version, 0) + 1
             await conn.execute(
@@ -846,12 +830,13 @@ class Ledger:
                     created_at_us=now_us,
                 )
             )
-            return AccountStatusChange(account_id, status, changed=True)
+            changed = AccountStatusChange(account_id, status, changed=True)
+            return changed, AccountSnapshot(version=version, status=status)
 
-        change = await self.transactor.write(work)
-        if change.changed and self.cache is not None:
-            # Any wallet's read carries the account snapshot; the default one will do.
-            await self._refresh(account_id, limits.CREDIT_TYPE_DEFAULT)
+        change, snapshot = await self.transactor.write(work)
+        if snapshot is not None and self.cache is not None:
+            # The new status and its version are known from the transaction: no read needed.
+            await self.cache.put_account(account_id, snapshot)
         return change
 
     # ---- ClawBack ----------------------------------------------------------------------------

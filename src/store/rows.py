@@ -64,11 +64,6 @@ async def save_wallet(
     )
 
 
-async def account_status(conn: AsyncConnection, account_id: str) -> AccountStatus:
-    status = await conn.scalar(select(accounts.c.status).where(accounts.c.account_id == account_id))
-    return AccountStatus.ACTIVE if status is None else AccountStatus(status)
-
-
 def live_condition(now_us: int) -> Any:
     return and_(
         grants.c.remaining > 0,
