@@ -17,6 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 READY_TIMEOUT_SECONDS = 30.0
 
 
+def open_channel(address: str) -> grpc.aio.Channel:
+    """The one place tests open a channel to a credits server (so credentials are added once)."""
+    return grpc.aio.insecure_channel(address)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
