@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -37,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from credits.v1 import credits_pb2 as pb
+
+# The caller's token, set by run.py (the bench calls as a caller with every scope).
+AUTH_TOKEN_VARIABLE = "BENCH_AUTH_TOKEN"
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
@@ -175,6 +179,7 @@ def encode_literal(name: bytes, value: bytes) -> bytes:
 
 
 def request_header_block(path: bytes, authority: bytes) -> bytes:
+    token = os.environ.get(AUTH_TOKEN_VARIABLE, "")
     return (
         b"\x83\x86"  # :method POST, :scheme http (static table)
         + encode_literal(b":path", path)
@@ -182,6 +187,7 @@ def request_header_block(path: bytes, authority: bytes) -> bytes:
         + encode_literal(b"content-type", b"application/grpc")
         + encode_literal(b"te", b"trailers")
         + encode_literal(b"user-agent", b"h2gen")
+        + (encode_literal(b"authorization", b"Bearer " + token.encode()) if token else b"")
     )
 
 

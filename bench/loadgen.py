@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+from h2gen import AUTH_TOKEN_VARIABLE
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -212,6 +214,9 @@ async def run_h2load(load: Load, meters: Meters, workdir: Path, name: str) -> Me
         "--header=te: trailers",
         f"--log-file={log_file}",
     ]
+    token = os.environ.get(AUTH_TOKEN_VARIABLE, "")
+    if token:
+        args.append(f"--header=authorization: Bearer {token}")
     if load.rate:
         args.append(f"--rps={max(1, round(load.rate / load.connections))}")
     args.append(f"http://{load.target}/credits.v1.CreditsService/{load.method}")

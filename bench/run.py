@@ -46,6 +46,7 @@ import asyncpg
 import grpc
 import redis.asyncio as redis_asyncio
 import seed
+from h2gen import AUTH_TOKEN_VARIABLE
 from loadgen import Load, Measured, Meters, h2load_available, latency_summary, run_load, timed
 from procstat import machine_busy_seconds, tree_rss_bytes
 
@@ -69,6 +70,8 @@ READY_TIMEOUT_SECONDS = 60.0
 CANARY_INTERVAL_SECONDS = 0.05
 # Cores busy before the bench starts above which its figures are flagged as disturbed.
 IDLE_CORES_MAX = 0.2
+# Rate limits of the bench's server: on (their checks cost what they cost) but never refusing.
+BENCH_RATE_PER_SECOND = 1_000_000
 
 
 def _env_float(name: str, default: float) -> float:
@@ -292,6 +295,11 @@ async def start_process(name: str, args: list[str], workdir: Path, target: str) 
     return server
 
 
+def auth_metadata() -> tuple[tuple[str, str], ...]:
+    token = os.environ.get(AUTH_TOKEN_VARIABLE, "")
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 async def unary(target: str, method: str, body: bytes, seconds: float = 10.0) -> bytes:
     """One call with pre-serialized bytes (no 5-byte prefix); raises grpc.aio.AioRpcError."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -300,7 +308,7 @@ async def unary(target: str, method: str, body: bytes, seconds: float = 10.0) ->
             request_serializer=None,
             response_deserializer=None,
         )
-        response: bytes = await call(body, timeout=seconds)
+        response: bytes = await call(body, timeout=seconds, metadata=auth_metadata())
         return response
 
 
@@ -317,7 +325,7 @@ async def run_canary(target: str, body: bytes, stop: asyncio.Event) -> dict[str,
         )
         while not stop.is_set():
             try:
-                await call(body, timeout=10)
+                await call(body, timeout=10, metadata=auth_metadata())
                 code = "OK"
             except grpc.aio.AioRpcError as error:
                 code = error.code().name
@@ -371,6 +379,19 @@ class Bench:
         )
         if code:
             raise RuntimeError(f"migrate failed:\n{output}")
+        # The bench calls as a caller with every scope, like a real client; h2load, h2gen and
+        # the canaries send its token (the ceiling servers ignore it).
+        for args in (
+            ("callers", "add", "bench", "--scope", "all"),
+            ("callers", "token-create", "bench", "--label", "bench"),
+        ):
+            code, output = await command_output(
+                str(BIN / "credits-server"), *args, "--database-url", self.db_url
+            )
+            if code:
+                raise RuntimeError(f"credits-server {' '.join(args)} failed:\n{output}")
+        token = next(w for w in output.split() if w.startswith("crd_"))
+        os.environ[AUTH_TOKEN_VARIABLE] = token
         self.meter_conn = await asyncpg.connect(self.db_url)
         own_pid = await self.meter_conn.fetchval("SELECT pg_backend_pid()")
         self.postgres_local = _read_text(f"/proc/{own_pid}/comm").strip() == "postgres"
@@ -423,6 +444,9 @@ class Bench:
                 "--redis-url", self.settings.redis_url,
                 "--redis-namespace", self.namespace,
                 "--log-level", "WARNING",
+                # Limits high enough never to refuse, so the limiter's cost is still measured.
+                "--rate-caller-per-second", str(BENCH_RATE_PER_SECOND),
+                "--rate-account-reserves-per-second", str(BENCH_RATE_PER_SECOND),
                 *self.settings.server_args,
             ],
             self.workdir,

@@ -22,17 +22,21 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_asyncio
 from pg_cluster import throwaway_cluster
+from processes import TEST_CALLER, TEST_TOKEN, open_channel
 from redis import exceptions as redis_exceptions
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from credits.v1 import credits_pb2_grpc
 from server.app import CreditsApp
 from server.config import ServerConfig
 from store.audit import audit
+from store.callers import ALL_SCOPES, CallerStore
 from store.clock import Clock, ManualClock
 from store.database import create_engine
 from store.ledger import Ledger, LedgerSettings
 from store.migrate import migrate
+from store.tx import Transactor
 
 T = TypeVar("T")
 REQUIRE_SERVICES = os.environ.get("CREDITS_REQUIRE_SERVICES") == "1"
@@ -86,8 +90,17 @@ async def _migrate_and_audit(url: str, check_audit: bool) -> None:
             )
         else:
             await migrate(engine)
+            await _add_test_caller(engine)
     finally:
         await engine.dispose()
+
+
+async def _add_test_caller(engine: AsyncEngine) -> None:
+    """The suite's caller (processes.TEST_CALLER), holding this session's token."""
+    store = CallerStore(Transactor(engine))
+    if await store.get(TEST_CALLER) is None:
+        await store.add(TEST_CALLER, ALL_SCOPES, (), "tests")
+    await store.add_token(TEST_CALLER, TEST_TOKEN, "test session", "tests")
 
 
 async def assert_audit_clean(database_url: str, account_prefix: str) -> None:
@@ -249,7 +262,7 @@ async def start_server(
         app = CreditsApp(config, clock)
         port = await app.start()
         address = f"127.0.0.1:{port}"
-        channel = grpc.aio.insecure_channel(address)
+        channel = open_channel(address)
         server = RunningServer(app, address, channel, credits_pb2_grpc.CreditsServiceStub(channel))
         running.append(server)
         return server

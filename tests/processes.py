@@ -4,22 +4,69 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READY_TIMEOUT_SECONDS = 30.0
 
+# The suite's own caller: every scope, every account. conftest stores this session's token
+# (hashed) in every test database it migrates, so in-process and spawned servers accept it.
+TEST_CALLER = "test-suite"
+TEST_TOKEN = "crd_test_" + secrets.token_urlsafe(32)
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """The one place tests open a channel to a credits server (so credentials are added once)."""
-    return grpc.aio.insecure_channel(address)
+
+def auth_metadata(token: str = TEST_TOKEN) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every unary call, like a real client would."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), *auth_metadata(self._token)]
+        return await continuation(details._replace(metadata=metadata), request)
+
+
+class _BlockingBearerToken(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), *auth_metadata(self._token)]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def open_channel(
+    address: str,
+    token: str | None = TEST_TOKEN,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> grpc.aio.Channel:
+    """The one place tests open a channel to a credits server: every call carries `token` (the
+    suite's caller unless told otherwise; None: no credential), over TLS when `credentials`."""
+    interceptors = [] if token is None else [_BearerToken(token)]
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            address, credentials, options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+def open_blocking_channel(address: str, token: str = TEST_TOKEN) -> grpc.Channel:
+    """A synchronous channel carrying `token`, for code that runs in a thread."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _BlockingBearerToken(token))
 
 
 def free_port() -> int:

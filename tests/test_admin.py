@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from processes import TEST_CALLER
 from rich_errors import error_info, error_reason
 from sqlalchemy import select
 
@@ -69,8 +70,8 @@ async def test_a_locked_account_cannot_reserve_until_unlocked(
     finally:
         await engine.dispose()
     assert [tuple(r) for r in log] == [
-        ("locked", "dispute dp_1 opened", "anonymous"),
-        ("active", "dispute dp_1 won", "anonymous"),
+        ("locked", "dispute dp_1 opened", TEST_CALLER),
+        ("active", "dispute dp_1 won", TEST_CALLER),
     ]
 
 

@@ -26,7 +26,7 @@ import stripe_events as se
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import assert_audit_clean, run_sync
-from processes import free_port, spawn_server, wait_serving
+from processes import TEST_TOKEN, free_port, open_channel, spawn_server, wait_serving
 from sqlalchemy.engine import Connection, make_url
 
 from billing import config as billing_config
@@ -180,7 +180,10 @@ async def start_listener(
     ) -> Listener:
         path = tmp_path / f"{name}.toml"
         path.write_text(toml or config_toml(fake_stripe.url, livemode=livemode))
-        environ = {billing_config.ENV_SIGNING_SECRETS: f"{SECRET}, {SECRET_OLD}"}
+        environ = {
+            billing_config.ENV_SIGNING_SECRETS: f"{SECRET}, {SECRET_OLD}",
+            billing_config.ENV_CREDITS_TOKEN: TEST_TOKEN,
+        }
         if api_key:
             environ[billing_config.ENV_API_KEY] = api_key
         config = billing_config.load(
@@ -1012,7 +1015,7 @@ async def test_credits_server_outage_delays_credits_but_every_one_arrives_once(
         stored_events = await listener.settled(*(event["id"] for event in deliveries))
         assert {e.status for e in stored_events} == {"done"}
 
-        async with grpc.aio.insecure_channel(restarted.address) as channel:
+        async with open_channel(restarted.address) as channel:
             stub = credits_pb2_grpc.CreditsServiceStub(channel)
             for index, account in enumerate(buyers):
                 assert await balance(stub, account) == 500 * (index + 1)

@@ -18,7 +18,10 @@ from credits.v1 import credits_pb2 as pb
 from store import limits
 from store.audit import audit
 from store.cache import (
+    NEAR_SNAPSHOT_TTL_MS_DEFAULT,
+    AccountSnapshot,
     BalanceCache,
+    LayeredBalanceCache,
     LocalBalanceCache,
     RedisBalanceCache,
     WalletSnapshot,
@@ -40,17 +43,55 @@ pytestmark = pytest.mark.redis
 CALLER = Caller()
 
 
-@pytest.fixture(params=["redis", "local"])
+@pytest.fixture(params=["redis", "local", "layered"])
 async def cache(request: pytest.FixtureRequest) -> AsyncIterator[BalanceCache]:
     if request.param == "local":
         yield LocalBalanceCache()
         return
     url = request.getfixturevalue("redis_url")
     namespace = new_redis_namespace()
-    redis_cache = RedisBalanceCache(url, namespace=namespace, timeout_ms=1000)
+    redis_cache: BalanceCache = RedisBalanceCache(url, namespace=namespace, timeout_ms=1000)
+    if request.param == "layered":
+        redis_cache = LayeredBalanceCache(redis_cache, NEAR_SNAPSHOT_TTL_MS_DEFAULT)
     yield redis_cache
     await redis_cache.close()
     await delete_redis_namespace(url, namespace)
+
+
+async def test_a_write_through_another_replica_is_seen_within_the_near_ttl(
+    redis_url: str,
+) -> None:
+    """Two replicas share Redis; each keeps a near copy for 300 ms. Its own writes show at once,
+    the other's once its copy ages out, never later."""
+    namespace = new_redis_namespace()
+    near_ttl_ms = 300
+    a, b = (
+        LayeredBalanceCache(RedisBalanceCache(redis_url, namespace=namespace), near_ttl_ms)
+        for _ in range(2)
+    )
+    try:
+        account = AccountSnapshot(version=0, status=AccountStatus.ACTIVE)
+        for replica in (a, b):
+            await replica.put_account("acct", account)
+
+        def snapshot(version: int) -> WalletSnapshot:
+            return WalletSnapshot(version, 100 - version, version, 2**62, 1)
+
+        await a.put_wallet("acct", "default", snapshot(1))
+        assert (await b.get("acct", "default"))[0] == snapshot(1)  # filled from Redis
+        await a.put_wallet("acct", "default", snapshot(2))
+        assert (await a.get("acct", "default"))[0] == snapshot(2)  # own write: at once
+        assert (await b.get("acct", "default"))[0] == snapshot(1)  # b's copy is still young
+        await asyncio.sleep(near_ttl_ms / 1000 + 0.05)
+        assert (await b.get("acct", "default"))[0] == snapshot(2)
+        assert b.counters.near_hits >= 1
+        # An older snapshot never replaces a newer one in the near copy either.
+        await b.put_wallet("acct", "default", snapshot(1))
+        assert (await b.get("acct", "default"))[0] == snapshot(2)
+    finally:
+        await a.close()
+        await b.close()
+        await delete_redis_namespace(redis_url, namespace)
 
 
 @pytest.fixture
@@ -189,9 +230,16 @@ def private_redis() -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("near_cache_ms", [0, NEAR_SNAPSHOT_TTL_MS_DEFAULT])
 async def test_redis_killed_mid_run_check_keeps_answering_from_the_database(
-    start_server: Any, database_url: str, accounts: Accounts, private_redis: Any
+    start_server: Any,
+    database_url: str,
+    accounts: Accounts,
+    private_redis: Any,
+    near_cache_ms: int,
 ) -> None:
+    """Without a near copy every read after the kill comes from the database; with one, reads
+    may come from it, and they are just as right (this replica's writes update it)."""
     process, url = private_redis
     for _ in range(50):  # wait for the private server to accept connections
         try:
@@ -201,7 +249,7 @@ async def test_redis_killed_mid_run_check_keeps_answering_from_the_database(
             break
         except Exception:  # noqa: BLE001 - not up yet
             await asyncio.sleep(0.1)
-    server = await start_server(database_url, redis_url=url)
+    server = await start_server(database_url, redis_url=url, near_cache_ms=near_cache_ms)
     account = accounts("a")
     await server.stub.AddCredits(
         pb.AddCreditsRequest(
@@ -217,7 +265,7 @@ async def test_redis_killed_mid_run_check_keeps_answering_from_the_database(
         response = await server.stub.CheckCredits(
             pb.CheckCreditsRequest(account_id=account, amount=5), timeout=5
         )
-        assert not response.cached
+        assert not response.cached or near_cache_ms > 0
         assert (response.available, response.allowed) == (expected_available, True)
         if i == 10:  # writes keep working too, and the reads see them
             await server.stub.Reserve(

@@ -24,6 +24,7 @@ from credits_client import (
     error_from_rpc,
 )
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from processes import TEST_TOKEN
 
 from credits.v1 import credits_pb2 as pb
 from server.app import CreditsApp
@@ -44,7 +45,7 @@ async def server(start_server: Callable[..., Any], database_url: str) -> Any:
 
 @pytest.fixture
 async def client(server: Any) -> AsyncIterator[CreditsClient]:
-    async with CreditsClient(server.address) as client:
+    async with CreditsClient(server.address, token=TEST_TOKEN) as client:
         yield client
 
 
@@ -344,7 +345,7 @@ async def test_unreachable_database_raises_unavailable_with_retry_delay() -> Non
     app = CreditsApp(config)
     port = await app.start()
     try:
-        async with CreditsClient(f"127.0.0.1:{port}") as client:
+        async with CreditsClient(f"127.0.0.1:{port}", token=TEST_TOKEN) as client:
             with pytest.raises(Unavailable) as caught:
                 await client.check("user:1", consistent=True)
     finally:
@@ -474,7 +475,7 @@ async def test_client_locks_unlocks_and_claws_back(
 ) -> None:
     server = await start_server(sqlite_url)
     account = accounts("admin")
-    async with CreditsClient(server.address) as client:
+    async with CreditsClient(server.address, token=TEST_TOKEN) as client:
         granted = await client.add_credits(account, 50, idempotency_key="g", source="purchase")
         assert (await client.set_account_status(account, locked=True, reason="review")).changed
         with pytest.raises(AccountLocked):

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import assert_audit_clean
-from processes import spawn_server, wait_serving
+from processes import open_channel, spawn_server, wait_serving
 from rich_errors import error_reason
 
 from credits.v1 import credits_pb2 as pb
@@ -73,7 +73,7 @@ async def test_two_server_processes_sharing_one_database_never_oversell(
     try:
         for s in servers:
             await wait_serving(s.address, s.process)
-        channels = [grpc.aio.insecure_channel(s.address) for s in servers]
+        channels = [open_channel(s.address) for s in servers]
         stubs = [credits_pb2_grpc.CreditsServiceStub(c) for c in channels]
         account = accounts("shared")
         await fund(stubs[0], account, WALLET_CREDITS)

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from processes import spawn_server, wait_serving
+from processes import open_channel, spawn_server, wait_serving
 from sqlalchemy import text
 
 from credits.v1 import credits_pb2 as pb
@@ -122,7 +122,7 @@ async def test_sigterm_lets_in_flight_calls_finish_then_exits_cleanly(
     engine = create_engine(postgres_url)
     try:
         await wait_serving(server.address, server.process)
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with open_channel(server.address) as channel:
             stub = credits_pb2_grpc.CreditsServiceStub(channel)
             await fund(stub, account, 100)
             async with engine.begin() as conn:  # make the next call wait inside the server

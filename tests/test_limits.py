@@ -28,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from processes import open_blocking_channel
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -856,7 +857,7 @@ async def test_random_bytes_never_internal(server: Any, accounts: Any) -> None:
 
     # The property runs in a thread on a blocking channel; the server keeps this event loop.
     def run_property() -> None:
-        with grpc.insecure_channel(server.address) as channel:
+        with open_blocking_channel(server.address) as channel:
             stubs = {m: channel.unary_unary(SERVICE_PATH + m) for m in METHODS}
 
             @settings(

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from processes import free_port, wait_serving
+from processes import TEST_CALLER, free_port, open_channel, wait_serving
 from rich_errors import error_reason, field_violations
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
@@ -43,7 +43,8 @@ async def test_readme_quick_start_serves_and_its_grpcurl_session_works_as_pasted
     tmp_path: pathlib.Path,
 ) -> None:
     """`make run` is `credits-server --migrate` on the embedded default; run exactly that in an
-    empty directory, then paste the README's session into bash."""
+    empty directory, then paste the README's session into bash there (where `make run` put
+    var/dev-token), with this interpreter's grpcurl on the PATH."""
     port = free_port()
     server = subprocess.Popen(
         [str(pathlib.Path(sys.executable).parent / "credits-server"), "--migrate"],
@@ -54,11 +55,15 @@ async def test_readme_quick_start_serves_and_its_grpcurl_session_works_as_pasted
     try:
         await wait_serving(f"127.0.0.1:{port}", server)
         assert (tmp_path / "var" / "credits.db").exists(), "make run uses var/credits.db"
+        dev_token = (tmp_path / "var" / "dev-token").read_text().strip()
+        assert (tmp_path / "var" / "dev-token").stat().st_mode & 0o077 == 0, "owner-only file"
         session = readme_grpcurl_session().replace("S=127.0.0.1:50051", f"S=127.0.0.1:{port}")
+        bin_dir = pathlib.Path(sys.executable).parent
         result = await asyncio.to_thread(
             subprocess.run,
             ["bash", "-euo", "pipefail", "-c", session],
-            cwd=ROOT,
+            cwd=tmp_path,
+            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
             capture_output=True,
             text=True,
             timeout=120,
@@ -67,7 +72,7 @@ async def test_readme_quick_start_serves_and_its_grpcurl_session_works_as_pasted
         assert "credits.v1.CreditsService" in result.stdout
         assert "grpc.health.v1.Health" in result.stdout
         assert '"status": "SERVING"' in result.stdout
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with open_channel(f"127.0.0.1:{port}", token=dev_token) as channel:
             stub = credits_pb2_grpc.CreditsServiceStub(channel)
             balance = await stub.CheckCredits(
                 pb.CheckCreditsRequest(account_id="user:42", consistent=True)
@@ -81,6 +86,7 @@ async def test_readme_quick_start_serves_and_its_grpcurl_session_works_as_pasted
                 pb.ENTRY_KIND_RESERVE,
                 pb.ENTRY_KIND_GRANT,
             ]
+            assert {e.principal for e in history.entries} == {"dev"}
     finally:
         server.terminate()
         assert server.wait(15) == 0
@@ -124,7 +130,7 @@ async def test_request_id_from_the_caller_is_echoed_and_journaled(
     response = await call
     assert ("x-request-id", "req-abc-123") in tuple(await call.trailing_metadata())
     assert response.entry.request_id == "req-abc-123"
-    assert response.entry.principal == "anonymous"
+    assert response.entry.principal == TEST_CALLER
 
 
 async def test_an_expired_deadline_changes_nothing(
@@ -170,13 +176,13 @@ async def test_health_reports_not_serving_while_the_database_is_unreachable_and_
     )
     app = CreditsApp(config)
     port = await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = open_channel(f"127.0.0.1:{port}")
     stub = credits_pb2_grpc.CreditsServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     account = accounts("a")
 
-    async def status() -> int:
-        request = health_pb2.HealthCheckRequest(service="credits.v1.CreditsService")
+    async def status(service: str = "credits.v1.CreditsService") -> int:
+        request = health_pb2.HealthCheckRequest(service=service)
         return (await health.Check(request)).status
 
     try:
@@ -184,6 +190,9 @@ async def test_health_reports_not_serving_while_the_database_is_unreachable_and_
         await proxy.cut()
         await asyncio.sleep(1.0)
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Liveness follows the process, not the database: an outage must not restart replicas.
+        assert await status("liveness") == health_pb2.HealthCheckResponse.SERVING
         for call in (
             stub.CheckCredits(pb.CheckCreditsRequest(account_id=account, consistent=True)),
             stub.Reserve(pb.ReserveRequest(account_id=account, amount=1, idempotency_key="r")),

@@ -2,13 +2,15 @@
 
 Every method returns the protobuf response unchanged (typed by the generated .pyi stubs) and
 raises a `CreditsError` subclass (see errors.py) when the call fails. Every call carries a
-deadline (`timeout_seconds`, 5 s unless told otherwise) and, when `request_id` is given, an
-`x-request-id` header that the server logs, journals and echoes back.
+deadline (`timeout_seconds`, 5 s unless told otherwise), the client's bearer token (`token=`)
+as an `authorization` header, and, when `request_id` is given, an `x-request-id` header that the
+server logs, journals and echoes back.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -19,7 +21,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from credits.v1 import credits_pb2, credits_pb2_grpc
-from credits_client.errors import REQUEST_ID_HEADER, error_from_rpc
+from credits_client.errors import AUTHORIZATION_HEADER, REQUEST_ID_HEADER, error_from_rpc
 from credits_client.metered import Metered
 
 # Limits, named in one place (STYLE.md: put a limit on everything).
@@ -28,6 +30,9 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 MAX_TIMEOUT_SECONDS = 300.0
 # iter_history stops after this many pages unless told otherwise (500 entries a page at most).
 DEFAULT_MAX_PAGES = 100
+
+# What a bearer token may hold: visible ASCII, at least one character.
+_TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
 
 # An enum value, or its short name ("purchase", "hold_expiry").
 GrantSourceLike: TypeAlias = "str | credits_pb2.GrantSource.ValueType"
@@ -42,16 +47,26 @@ class CreditsClient:
 
     Built from an address ("host:port"; the client opens and closes the channel) or from an
     existing `grpc.aio.Channel` (the caller keeps owning it). Use as `async with`, or call
-    `close()`.
+    `close()`. `token` is the caller's bearer token (`credits-server callers token-create`),
+    sent on every call; leave it out on a mutual-TLS channel whose client certificate names the
+    caller. Outside one host, send tokens only over TLS (`credentials=`).
     """
 
     def __init__(
         self,
         target: str | grpc.aio.Channel,
         *,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
+        if token is not None and not _TOKEN_PATTERN.fullmatch(token):
+            raise ValueError(
+                "token must be the bare token (visible ASCII, no spaces, no 'Bearer ' prefix)"
+            )
+        self._auth_metadata: tuple[tuple[str, str], ...] = (
+            () if token is None else ((AUTHORIZATION_HEADER, f"Bearer {token}"),)
+        )
         if isinstance(target, str):
             if credentials is None:
                 self._channel = grpc.aio.insecure_channel(target, options=options)
@@ -97,7 +112,9 @@ class CreditsClient:
         request = credits_pb2.CheckCreditsRequest(
             account_id=account_id, credit_type=credit_type, amount=amount, consistent=consistent
         )
-        return await _call(self._stub.CheckCredits, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.CheckCredits, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def reserve(
         self,
@@ -123,7 +140,9 @@ class CreditsClient:
             request_id=request_id,
             metadata=metadata,
         )
-        return await _call(self._stub.Reserve, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.Reserve, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def commit(
         self,
@@ -138,7 +157,9 @@ class CreditsClient:
         request = credits_pb2.CommitRequest(
             account_id=account_id, reservation_id=reservation_id, amount=amount
         )
-        return await _call(self._stub.Commit, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.Commit, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def release(
         self,
@@ -150,7 +171,9 @@ class CreditsClient:
     ) -> credits_pb2.ReleaseResponse:
         """Gives the whole reservation back. Repeating it is harmless."""
         request = credits_pb2.ReleaseRequest(account_id=account_id, reservation_id=reservation_id)
-        return await _call(self._stub.Release, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.Release, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def set_account_status(
         self,
@@ -170,7 +193,9 @@ class CreditsClient:
             else credits_pb2.ACCOUNT_STATUS_ACTIVE,
             reason=reason,
         )
-        return await _call(self._stub.SetAccountStatus, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.SetAccountStatus, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def claw_back(
         self,
@@ -193,7 +218,9 @@ class CreditsClient:
             action=action,
             request_id=request_id,
         )
-        return await _call(self._stub.ClawBack, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.ClawBack, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def add_credits(
         self,
@@ -227,7 +254,9 @@ class CreditsClient:
             action=action,
             request_id=request_id,
         )
-        return await _call(self._stub.AddCredits, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.AddCredits, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def history(
         self,
@@ -256,7 +285,9 @@ class CreditsClient:
             page_size=page_size,
             page_token=page_token,
         )
-        return await _call(self._stub.History, request, request_id, timeout_seconds)
+        return await _call(
+            self._stub.History, request, request_id, timeout_seconds, self._auth_metadata
+        )
 
     async def iter_history(
         self,
@@ -360,8 +391,10 @@ def _timestamp(moment: datetime | None) -> Timestamp | None:
     return timestamp
 
 
-def _call_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
-    return ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+def _call_metadata(
+    request_id: str, auth_metadata: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    return (*auth_metadata, *(((REQUEST_ID_HEADER, request_id),) if request_id else ()))
 
 
 async def _call(
@@ -369,12 +402,17 @@ async def _call(
     request: RequestT,
     request_id: str,
     timeout_seconds: float,
+    auth_metadata: tuple[tuple[str, str], ...] = (),
 ) -> ResponseT:
     if not (math.isfinite(timeout_seconds) and 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS):
         raise ValueError(
             f"timeout_seconds must be in (0, {MAX_TIMEOUT_SECONDS}], got {timeout_seconds}"
         )
     try:
-        return await method(request, timeout=timeout_seconds, metadata=_call_metadata(request_id))
+        return await method(
+            request,
+            timeout=timeout_seconds,
+            metadata=_call_metadata(request_id, auth_metadata),
+        )
     except grpc.aio.AioRpcError as error:
         raise error_from_rpc(error) from error

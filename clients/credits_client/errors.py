@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 ERROR_DOMAIN = "credits.v1"
 STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
 REQUEST_ID_HEADER = "x-request-id"
+AUTHORIZATION_HEADER = "authorization"
 
 # Codes after which the same request (with the same idempotency key) may be sent again.
 RETRYABLE_CODES = frozenset(
@@ -128,6 +129,20 @@ class Unavailable(CreditsError):
     """The service or its database could not be reached; nothing was changed. Retry later."""
 
 
+class Unauthenticated(CreditsError):
+    """The call carried no usable credential: `reason` is CREDENTIAL_MISSING,
+    CREDENTIAL_INVALID (malformed, unknown or revoked token) or CALLER_DISABLED."""
+
+
+class PermissionDenied(CreditsError):
+    """The caller is known but may not make this call. `reason` SCOPE_MISSING names the
+    missing `scope`; ACCOUNT_NOT_ALLOWED means the account is outside the caller's prefixes."""
+
+    def __init__(self, parsed: _Parsed) -> None:
+        super().__init__(parsed)
+        self.scope = parsed.metadata.get("scope", "")
+
+
 def error_from_rpc(error: grpc.aio.AioRpcError) -> CreditsError:
     """The typed exception for a failed call, parsed from its rich status and trailers."""
     parsed = _parse(error)
@@ -142,6 +157,10 @@ def _error_class(parsed: _Parsed) -> type[CreditsError]:
         return NotFound
     if code is grpc.StatusCode.UNAVAILABLE:
         return Unavailable
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied
     if code is grpc.StatusCode.ALREADY_EXISTS and parsed.reason == "IDEMPOTENCY_KEY_REUSED":
         return IdempotencyKeyReused
     if code is grpc.StatusCode.FAILED_PRECONDITION:

@@ -8,10 +8,11 @@ import logging
 from aiohttp import web
 
 from billing import http_api
-from billing.config import ListenerConfig
+from billing.config import ENV_CREDITS_TOKEN, ListenerConfig
 from billing.credits_gateway import CreditsGateway, open_channel
 from billing.database import create_engine
 from billing.inbox import Inbox
+from billing.metrics import ListenerMetrics
 from billing.migrate import migrate
 from billing.processor import Processor
 from billing.records import Records
@@ -38,8 +39,16 @@ class ListenerApp:
             if config.stripe_api_key
             else None
         )
-        processor = Processor(config, CreditsGateway(self._channel), self.records, self._stripe_api)
-        self.worker = Worker(self.inbox, processor, config.worker)
+        if not config.credits_token:
+            log.warning(
+                "%s is not set: the credits server will refuse the listener's calls "
+                "(UNAUTHENTICATED) and events will wait, then park (docs/auth.md)",
+                ENV_CREDITS_TOKEN,
+            )
+        gateway = CreditsGateway(self._channel, config.credits_token)
+        processor = Processor(config, gateway, self.records, self._stripe_api)
+        self.metrics = ListenerMetrics()
+        self.worker = Worker(self.inbox, processor, config.worker, self.metrics)
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._worker_task: asyncio.Task[None] | None = None
@@ -49,7 +58,9 @@ class ListenerApp:
         """Serves HTTP and starts the worker; returns the port (useful when configured as 0)."""
         if self._migrate_on_start:
             await migrate(self.engine)
-        app = http_api.build(self.config, self.inbox, self.worker.wake, self._stripe_api)
+        app = http_api.build(
+            self.config, self.inbox, self.worker.wake, self._stripe_api, self.metrics
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)

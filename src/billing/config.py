@@ -29,11 +29,22 @@ ENV_DATABASE_URL: Final = "CREDITS_LISTENER_DATABASE_URL"
 ENV_SIGNING_SECRETS: Final = "STRIPE_WEBHOOK_SECRETS"
 ENV_API_KEY: Final = "STRIPE_API_KEY"
 ENV_PURCHASE_TOKEN: Final = "CREDITS_LISTENER_PURCHASE_TOKEN"
+# The listener's own bearer token for the credits server (a caller with credits.grant and
+# credits.admin: AddCredits, ClawBack, SetAccountStatus; docs/auth.md).
+ENV_CREDITS_TOKEN: Final = "CREDITS_LISTENER_TOKEN"
 
 # Dispute statuses Stripe reports when a dispute closes.
 DISPUTE_CLOSED_STATUSES: Final = frozenset({"won", "lost", "warning_closed", "prevented"})
 _SECRET_KEYS: Final = frozenset(
-    {"webhook_secret", "webhook_secrets", "signing_secret", "signing_secrets", "api_key"}
+    {
+        "webhook_secret",
+        "webhook_secrets",
+        "signing_secret",
+        "signing_secrets",
+        "api_key",
+        "token",
+        "credits_token",
+    }
 )
 
 
@@ -103,6 +114,7 @@ class ListenerConfig:
     stripe_api_key: str = field(default="", repr=False)
     stripe_api_base: str = DEFAULT_STRIPE_API_BASE
     purchase_token: str = field(default="", repr=False)
+    credits_token: str = field(default="", repr=False)
 
     @property
     def listen(self) -> str:
@@ -177,6 +189,7 @@ def _build(
         stripe_api_key=api_key,
         stripe_api_base=listener.text("stripe_api_base", DEFAULT_STRIPE_API_BASE),
         purchase_token=environ.get(ENV_PURCHASE_TOKEN, "").strip(),
+        credits_token=environ.get(ENV_CREDITS_TOKEN, "").strip(),
     )
     return None if problems else config
 
@@ -351,8 +364,8 @@ class _Table:
             if key in _SECRET_KEYS:
                 self.problem(
                     key,
-                    f"secrets never go in the file: set {ENV_SIGNING_SECRETS} and {ENV_API_KEY} "
-                    "in the environment",
+                    f"secrets never go in the file: set {ENV_SIGNING_SECRETS}, {ENV_API_KEY} "
+                    f"and {ENV_CREDITS_TOKEN} in the environment",
                 )
             elif key == "rollover_cap":
                 self.problem(key, "rollover is not implemented: each period's credits expire")

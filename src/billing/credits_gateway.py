@@ -2,9 +2,11 @@
 
 AddCredits goes through the client library (clients/credits_client); ClawBack and
 SetAccountStatus, which the library does not wrap yet, through the generated stub on the same
-channel, with the library's own error parsing. Failures become `RetryLater` (nothing changed;
-the same request with the same key may be sent again) or `Refused` (the server said no to this
-request, and will say it again).
+channel, with the library's own error parsing. Every call carries the listener's own bearer
+token (CREDITS_LISTENER_TOKEN). Failures become `RetryLater` (nothing changed; the same request
+with the same key may be sent again) or `Refused` (the server said no to this request, and will
+say it again). UNAUTHENTICATED and PERMISSION_DENIED are RetryLater: once an operator fixes the
+token or its scopes, the same event succeeds.
 """
 
 from __future__ import annotations
@@ -65,8 +67,12 @@ def open_channel(address: str) -> grpc.aio.Channel:
 
 
 class CreditsGateway:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._client = CreditsClient(channel)
+    def __init__(self, channel: grpc.aio.Channel, token: str = "") -> None:
+        """`token`: the listener's bearer token (CREDITS_LISTENER_TOKEN); empty sends none."""
+        self._client = CreditsClient(channel, token=token or None)
+        self._auth_metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self._stub: credits_pb2_grpc.CreditsServiceAsyncStub = credits_pb2_grpc.CreditsServiceStub(
             channel
         )
@@ -117,7 +123,7 @@ class CreditsGateway:
                 self._stub.ClawBack(
                     request,
                     timeout=limits.CREDITS_RPC_TIMEOUT_SECONDS,
-                    metadata=_request_metadata(request_id),
+                    metadata=(*self._auth_metadata, *_request_metadata(request_id)),
                 )
             ),
         )
@@ -138,7 +144,7 @@ class CreditsGateway:
                 self._stub.SetAccountStatus(
                     request,
                     timeout=limits.CREDITS_RPC_TIMEOUT_SECONDS,
-                    metadata=_request_metadata(request_id),
+                    metadata=(*self._auth_metadata, *_request_metadata(request_id)),
                 )
             ),
         )

@@ -3,6 +3,7 @@
 POST /stripe/webhook  verify, store in the inbox, answer 200; or 4xx with the reason and
                       nothing stored. 503 when the inbox cannot store it (Stripe retries).
 GET  /healthz         200 with the inbox's counts when its database answers, else 503.
+GET  /metrics         Prometheus metrics (billing/metrics.py).
 POST /purchases       {"account_id", "price_id", "quantity"?, "idempotency_key"?} -> 201
                       {"session_id", "url"}: a Stripe Checkout Session to send the buyer to.
 """
@@ -21,6 +22,7 @@ from billing import limits, purchases, signatures
 from billing.config import ListenerConfig
 from billing.errors import Refused
 from billing.inbox import Inbox
+from billing.metrics import ListenerMetrics, metrics_handler
 from billing.stripe_api import StripeApi
 from billing.stripe_objects import parse_envelope
 
@@ -34,14 +36,18 @@ def build(
     inbox: Inbox,
     wake_worker: Callable[[], None],
     stripe_api: StripeApi | None,
+    metrics: ListenerMetrics,
 ) -> web.Application:
     # aiohttp refuses bodies over client_max_size while reading them (413), so an oversized body
     # is never held in memory whole.
-    app = web.Application(client_max_size=limits.WEBHOOK_BODY_BYTES_MAX)
+    app = web.Application(
+        client_max_size=limits.WEBHOOK_BODY_BYTES_MAX, middlewares=[metrics.count_requests]
+    )
     routes = _Routes(config, inbox, wake_worker, stripe_api)
     app.router.add_post(WEBHOOK_PATH, routes.webhook)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_post("/purchases", routes.purchase)
+    app.router.add_get("/metrics", metrics_handler(metrics, inbox))
     return app
 
 

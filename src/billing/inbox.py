@@ -39,6 +39,23 @@ class StoredEvent:
     outcome: str
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in the inbox, as of `as_of_us`."""
+
+    as_of_us: int
+    pending: int
+    parked: int
+    oldest_pending_received_at_us: int | None
+
+    @property
+    def oldest_pending_age_seconds(self) -> float:
+        if self.oldest_pending_received_at_us is None:
+            return 0.0
+        age_us = max(0, self.as_of_us - self.oldest_pending_received_at_us)
+        return age_us / limits.MICROSECONDS_PER_SECOND
+
+
 class ReplayRefused(Exception):
     """The event cannot be replayed (unknown, or not parked); the message says which."""
 
@@ -187,6 +204,25 @@ class Inbox:
             )
             found = {str(status): int(count) for status, count in rows}
         return {status: found.get(status, 0) for status in ("pending", "done", "ignored", "parked")}
+
+    async def backlog(self) -> Backlog:
+        """Pending and parked events only: the status index finds them without reading the
+        done and ignored events kept for deduplication."""
+        now = self._now_us()
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(events.c.status, func.count(), func.min(events.c.received_at_us))
+                .where(events.c.status.in_(("pending", "parked")))
+                .group_by(events.c.status)
+            )
+            found = {str(status): (int(count), oldest) for status, count, oldest in rows}
+        pending, oldest_pending = found.get("pending", (0, None))
+        return Backlog(
+            as_of_us=now,
+            pending=pending,
+            parked=found.get("parked", (0, None))[0],
+            oldest_pending_received_at_us=None if oldest_pending is None else int(oldest_pending),
+        )
 
     async def ignored_by_type(self) -> dict[str, int]:
         async with self._engine.connect() as conn:

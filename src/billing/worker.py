@@ -19,6 +19,7 @@ from billing import limits
 from billing.config import WorkerSettings
 from billing.errors import Refused, RetryLater
 from billing.inbox import Inbox, StoredEvent
+from billing.metrics import ListenerMetrics
 from billing.processor import Processor
 from billing.records import now_us
 from billing.stripe_objects import parse_envelope
@@ -34,10 +35,17 @@ def backoff_seconds(attempts: int, settings: WorkerSettings) -> float:
 
 
 class Worker:
-    def __init__(self, inbox: Inbox, processor: Processor, settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        inbox: Inbox,
+        processor: Processor,
+        settings: WorkerSettings,
+        metrics: ListenerMetrics | None = None,
+    ) -> None:
         self._inbox = inbox
         self._processor = processor
         self._settings = settings
+        self._metrics = metrics or ListenerMetrics()
         self._wake = asyncio.Event()
         self._next_prune_at = time.monotonic()
 
@@ -87,6 +95,7 @@ class Worker:
             await self._retry(event, f"unexpected {type(error).__name__}: {error}")
         else:
             await self._inbox.finish(event.event_id, result.status, result.outcome)
+            self._metrics.event_attempted(event.event_type, result.status, event.received_at_us)
             log.info(
                 "event processed",
                 extra={
@@ -105,6 +114,7 @@ class Worker:
             return
         delay_seconds = backoff_seconds(event.attempts, self._settings)
         await self._inbox.retry_later(event.event_id, error, delay_seconds)
+        self._metrics.event_attempted(event.event_type, "retry", event.received_at_us)
         log.warning(
             "event will be retried",
             extra={
@@ -119,6 +129,7 @@ class Worker:
 
     async def _park(self, event: StoredEvent, error: str) -> None:
         await self._inbox.park(event.event_id, error)
+        self._metrics.event_attempted(event.event_type, "parked", event.received_at_us)
         log.error(
             "event parked",
             extra={

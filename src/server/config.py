@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from server.metrics import split_listen
+from server.ratelimit import ENVIRONMENT_VARIABLES as RATE_ENVIRONMENT_VARIABLES
+from server.ratelimit import RateLimitConfig
 from store import limits
-from store.cache import REDIS_TIMEOUT_MS_DEFAULT
+from store.cache import (
+    NEAR_SNAPSHOT_TTL_MS_DEFAULT,
+    NEAR_SNAPSHOT_TTL_MS_MAX,
+    REDIS_TIMEOUT_MS_DEFAULT,
+)
+
+# RateLimitConfig's fields, each a --rate-<field> flag.
+RATE_FIELDS = tuple(RATE_ENVIRONMENT_VARIABLES)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///var/credits.db"
@@ -26,9 +36,29 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     db_pool_size: int = 10
     reflection: bool = True
+    # Reflection answers only callers with a valid credential (default: open to anyone).
+    reflection_requires_auth: bool = False
+    # How long a credential lookup is reused in process: revocation takes effect within it.
+    auth_cache_ttl_seconds: float = limits.AUTH_CACHE_TTL_SECONDS_DEFAULT
+    # TLS: the server's certificate chain and key (PEM files); empty: plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA (PEM) that client certificates must chain to; set: every client must present one.
+    tls_client_ca_file: str = ""
+    # Issue a token for the `dev` caller at start even when callers exist or on Postgres.
+    dev_token: bool = False
     redis_url: str = ""
     redis_namespace: str = "credits:"
     redis_timeout_ms: int = REDIS_TIMEOUT_MS_DEFAULT
+    # host:port of the Prometheus endpoint (GET /metrics); empty: not served.
+    metrics_listen: str = ""
+    metrics_refresh_interval_seconds: float = 15.0
+    # OTLP gRPC endpoint for traces (http://collector:4317); empty: tracing off.
+    otlp_endpoint: str = ""
+    # Spend rate limits per caller and per account (docs/rate-limits.md).
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # With Redis: how long each replica reuses a snapshot it read or wrote (0: always ask Redis).
+    near_cache_ms: int = NEAR_SNAPSHOT_TTL_MS_DEFAULT
 
 
 def _env(name: str, default: str) -> str:
@@ -49,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="?",
         default="serve",
         choices=["serve", "migrate", "audit"],
-        help="serve (default), migrate the database, or audit the journal",
+        help="serve (default), migrate the database, or audit the journal; "
+        "`credits-server callers --help` manages callers and their tokens",
     )
     p.add_argument(
         "--listen",
@@ -131,7 +162,94 @@ def parser() -> argparse.ArgumentParser:
         default=_flag(_env("CREDITS_DISABLE_REFLECTION", "0")),
         help="do not serve gRPC reflection (CREDITS_DISABLE_REFLECTION=1)",
     )
+    p.add_argument(
+        "--reflection-requires-auth",
+        action="store_true",
+        default=_flag(_env("CREDITS_REFLECTION_REQUIRES_AUTH", "0")),
+        help="serve reflection only to callers with a valid credential "
+        "(CREDITS_REFLECTION_REQUIRES_AUTH=1; default: open, so grpcurl list works)",
+    )
+    p.add_argument(
+        "--auth-cache-ttl-seconds",
+        type=float,
+        default=float(
+            _env("CREDITS_AUTH_CACHE_TTL_SECONDS", str(limits.AUTH_CACHE_TTL_SECONDS_DEFAULT))
+        ),
+        help="reuse a credential lookup for this long; a revoked token or a changed scope "
+        "takes effect within it (CREDITS_AUTH_CACHE_TTL_SECONDS, default "
+        f"{limits.AUTH_CACHE_TTL_SECONDS_DEFAULT:g}, 0..{limits.AUTH_CACHE_TTL_SECONDS_MAX:g})",
+    )
+    p.add_argument(
+        "--tls-cert-file",
+        default=_env("CREDITS_TLS_CERT_FILE", ""),
+        help="PEM certificate chain to serve TLS with (CREDITS_TLS_CERT_FILE; with "
+        "--tls-key-file; default: plaintext)",
+    )
+    p.add_argument(
+        "--tls-key-file",
+        default=_env("CREDITS_TLS_KEY_FILE", ""),
+        help="PEM private key of --tls-cert-file (CREDITS_TLS_KEY_FILE)",
+    )
+    p.add_argument(
+        "--tls-client-ca-file",
+        default=_env("CREDITS_TLS_CLIENT_CA_FILE", ""),
+        help="PEM CA bundle for client certificates (CREDITS_TLS_CLIENT_CA_FILE): every "
+        "client must then present one; its SAN or CN may name the caller (docs/auth.md)",
+    )
+    p.add_argument(
+        "--dev-token",
+        action="store_true",
+        default=_flag(_env("CREDITS_DEV_TOKEN", "0")),
+        help="at start, give the 'dev' caller (all scopes) a fresh token and write it to "
+        "var/dev-token (CREDITS_DEV_TOKEN=1). Done without asking on SQLite while no caller "
+        "exists; never without asking on Postgres",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=_env("CREDITS_METRICS_LISTEN", ""),
+        help="host:port to serve Prometheus metrics on, at /metrics (CREDITS_METRICS_LISTEN, "
+        "e.g. 0.0.0.0:9464; default: not served)",
+    )
+    p.add_argument(
+        "--metrics-refresh-seconds",
+        type=float,
+        default=float(_env("CREDITS_METRICS_REFRESH_SECONDS", "15")),
+        help="pause between reads of the reservation and sweeper gauges from the database "
+        "(CREDITS_METRICS_REFRESH_SECONDS, default 15)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", _env("OTEL_EXPORTER_OTLP_ENDPOINT", "")),
+        help="OTLP gRPC endpoint to send traces to, e.g. http://127.0.0.1:4317 "
+        "(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; default: no "
+        "tracing)",
+    )
+    p.add_argument(
+        "--near-cache-ms",
+        type=int,
+        default=int(_env("CREDITS_NEAR_CACHE_MS", str(NEAR_SNAPSHOT_TTL_MS_DEFAULT))),
+        help="with Redis, reuse a balance snapshot in process for this long, so a cached "
+        "CheckCredits needs no round trip; a write through another replica may go unseen by "
+        f"this one's cached reads that long (CREDITS_NEAR_CACHE_MS, default "
+        f"{NEAR_SNAPSHOT_TTL_MS_DEFAULT}, 0 to {NEAR_SNAPSHOT_TTL_MS_MAX}; 0: off)",
+    )
+    for name, variable in RATE_ENVIRONMENT_VARIABLES.items():
+        default = getattr(RateLimitConfig(), name)
+        p.add_argument(
+            "--rate-" + name.replace("_", "-"),
+            type=type(default),
+            default=type(default)(_env(variable, str(default))),
+            help=f"spend rate limit ({variable}, default {default:g}; 0: off; "
+            "see docs/rate-limits.md)",
+        )
     return p
+
+
+def _rate_limits(args: argparse.Namespace) -> RateLimitConfig:
+    try:
+        return RateLimitConfig(**{name: getattr(args, "rate_" + name) for name in RATE_FIELDS})
+    except ValueError as error:
+        parser().error(str(error))
 
 
 def load(argv: list[str] | None = None) -> tuple[str, ServerConfig]:
@@ -147,14 +265,42 @@ def load(argv: list[str] | None = None) -> tuple[str, ServerConfig]:
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         db_pool_size=args.db_pool_size,
         reflection=not args.no_reflection,
+        reflection_requires_auth=args.reflection_requires_auth,
+        auth_cache_ttl_seconds=args.auth_cache_ttl_seconds,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        tls_client_ca_file=args.tls_client_ca_file,
+        dev_token=args.dev_token,
         redis_url=args.redis_url,
         redis_namespace=args.redis_namespace,
         redis_timeout_ms=args.redis_timeout_ms,
+        metrics_listen=args.metrics_listen,
+        metrics_refresh_interval_seconds=args.metrics_refresh_seconds,
+        otlp_endpoint=args.otlp_endpoint,
+        rate_limits=_rate_limits(args),
+        near_cache_ms=args.near_cache_ms,
     )
+    if not 0 <= config.near_cache_ms <= NEAR_SNAPSHOT_TTL_MS_MAX:
+        parser().error(f"--near-cache-ms must be between 0 and {NEAR_SNAPSHOT_TTL_MS_MAX}")
     if not 1 <= config.redis_timeout_ms <= 5000:
         parser().error("--redis-timeout-ms must be between 1 and 5000")
     if not 0.05 <= config.sweep_interval_seconds <= 3600:
         parser().error("--sweep-interval-seconds must be between 0.05 and 3600")
     if not 1 <= config.db_pool_size <= 200:
         parser().error("--db-pool-size must be between 1 and 200")
+    if config.metrics_listen:
+        try:
+            split_listen(config.metrics_listen)
+        except ValueError as error:
+            parser().error(f"--metrics-listen: {error}")
+    if not 1 <= config.metrics_refresh_interval_seconds <= 3600:
+        parser().error("--metrics-refresh-seconds must be between 1 and 3600")
+    if not 0 <= config.auth_cache_ttl_seconds <= limits.AUTH_CACHE_TTL_SECONDS_MAX:
+        parser().error(
+            f"--auth-cache-ttl-seconds must be between 0 and {limits.AUTH_CACHE_TTL_SECONDS_MAX:g}"
+        )
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        parser().error("--tls-cert-file and --tls-key-file go together")
+    if config.tls_client_ca_file and not config.tls_cert_file:
+        parser().error("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
     return str(args.command), config

@@ -18,9 +18,13 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 
+from server import metrics
+from server.auth import Authenticator, AuthFailure
 from server.logs import REQUEST_ID
+from server.ratelimit import RateLimitGate
 from server.status import bad_request, from_ledger_error, rich_status
 from store import limits
+from store.callers import CallerRecord
 from store.errors import LedgerError
 
 log = logging.getLogger("credits.rpc")
@@ -35,6 +39,14 @@ class Undecodable:
     """Stands in for a request whose bytes did not parse."""
 
     error: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """What run_rpc hands the handler's work: the call's request id and its authorized caller."""
+
+    request_id: str
+    caller: CallerRecord
 
 
 class MessageClass(Protocol):
@@ -52,6 +64,15 @@ def decoder(message_class: MessageClass) -> Callable[[bytes], object]:
     return decode
 
 
+@dataclass(frozen=True)
+class CallPolicy:
+    """What every call passes before any work: who is calling (and may they), and whether
+    their spend rate allows it now."""
+
+    authenticator: Authenticator
+    rate_gate: RateLimitGate | None = None
+
+
 def call_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's x-request-id when it is sane, else a fresh one."""
     for key, value in context.invocation_metadata() or ():
@@ -67,14 +88,25 @@ async def run_rpc(
     method: str,
     request: object,
     context: grpc.aio.ServicerContext[Any, Any],
-    work: Callable[[Any, str], Awaitable[ResponseT]],
+    policy: CallPolicy,
+    work: Callable[[Any, Call], Awaitable[ResponseT]],
 ) -> ResponseT:
     request_id = call_request_id(context)
     token = REQUEST_ID.set(request_id)
     started = time.perf_counter()
     status: grpc.Status | None = None
+    # Who is calling, once authenticated and allowed this method on this account.
+    caller: CallerRecord | None = None
     try:
-        if isinstance(request, Undecodable):
+        caller = await policy.authenticator.authorize(method, request, context)
+        if policy.rate_gate is not None:
+            # Refused calls take nothing: a client retrying after RetryInfo's delay gets in.
+            status = await policy.rate_gate.check(
+                caller=caller.name, method=method, request=request
+            )
+        if status is not None:
+            pass
+        elif isinstance(request, Undecodable):
             status = bad_request(
                 [("request", f"is not a valid {method} request message ({request.error})")],
                 "invalid request: the request bytes could not be decoded",
@@ -82,9 +114,11 @@ async def run_rpc(
         else:
             # Stop working once the caller has stopped waiting; the transaction rolls back.
             async with asyncio.timeout(context.time_remaining()):
-                response = await work(request, request_id)
+                response = await work(request, Call(request_id, caller))
             context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             return response
+    except AuthFailure as failure:
+        status = failure.status
     except LedgerError as error:
         status = from_ledger_error(error)
     except TimeoutError:
@@ -94,6 +128,10 @@ async def run_rpc(
             "idempotency key to learn the outcome",
             [],
         )
+    except asyncio.CancelledError:
+        # The client went away (or the server is stopping): record it as such, not as OK.
+        status = rich_status(code_pb2.CANCELLED, "the call was cancelled", [])
+        raise
     except Exception:
         log.exception("unexpected failure in %s", method)
         status = rich_status(
@@ -104,12 +142,20 @@ async def run_rpc(
     finally:
         elapsed_ms = (time.perf_counter() - started) * 1000
         code = "OK" if status is None else status.code.name
+        metrics.observe_rpc(method, code, elapsed_ms / 1000)
         log.log(
             logging.DEBUG if status is None else logging.INFO,
             "%s %s",
             method,
             code,
-            extra={"fields": {"method": method, "code": code, "elapsed_ms": round(elapsed_ms, 3)}},
+            extra={
+                "fields": {
+                    "method": method,
+                    "code": code,
+                    "elapsed_ms": round(elapsed_ms, 3),
+                    "caller": "" if caller is None else caller.name,
+                }
+            },
         )
         REQUEST_ID.reset(token)
     assert status is not None

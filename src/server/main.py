@@ -1,4 +1,4 @@
-"""`credits-server`: serve (default), migrate, or audit."""
+"""`credits-server`: serve (default), migrate, audit, or manage callers (`callers ...`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import uvloop
 
+from server import callers_cli, logs
 from server import config as config_module
-from server import logs
 from server.app import CreditsApp
 from server.config import ServerConfig
 from store import audit_cli
@@ -41,7 +41,11 @@ async def run_migrate(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    command, config = config_module.load(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["callers"]:
+        # Its own subcommands and flags (server/callers_cli.py); nothing here is served.
+        sys.exit(callers_cli.main(arguments[1:]))
+    command, config = config_module.load(arguments)
     logs.configure(config.log_level)
     if command == "migrate":
         asyncio.run(run_migrate(config))

@@ -8,93 +8,95 @@ import grpc
 
 from credits.v1 import credits_pb2 as pb
 from server import convert
-from server.handling import decoder, run_rpc
+from server.auth import METHOD_SCOPES
+from server.handling import Call, CallPolicy, decoder, run_rpc
 from store.history import read_history
 from store.ledger import Ledger
-from store.model import ANONYMOUS_PRINCIPAL, Caller
+from store.model import Caller
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CreditsService"].full_name
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _caller(request_id: str, action: str = "", caller_request_id: str = "") -> Caller:
-    # Until caller authentication lands every call is "anonymous" (issue: authentication).
+def _caller(call: Call, action: str = "", caller_request_id: str = "") -> Caller:
+    # The authenticated caller's name is the journal's principal.
     return Caller(
-        principal=ANONYMOUS_PRINCIPAL, action=action, request_id=caller_request_id or request_id
+        principal=call.caller.name,
+        action=action,
+        request_id=caller_request_id or call.request_id,
     )
 
 
 class CreditsService:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, policy: CallPolicy) -> None:
         self.ledger = ledger
+        self.policy = policy
 
     async def CheckCredits(self, request: object, context: Context) -> pb.CheckCreditsResponse:  # noqa: N802
-        async def work(r: pb.CheckCreditsRequest, request_id: str) -> pb.CheckCreditsResponse:
+        async def work(r: pb.CheckCreditsRequest, call: Call) -> pb.CheckCreditsResponse:
             balance = await self.ledger.check(
                 r.account_id, convert.credit_type(r.credit_type), r.amount, consistent=r.consistent
             )
             return convert.check_response(balance, r.amount)
 
-        return await run_rpc("CheckCredits", request, context, work)
+        return await run_rpc("CheckCredits", request, context, self.policy, work)
 
     async def Reserve(self, request: object, context: Context) -> pb.ReserveResponse:  # noqa: N802
-        async def work(r: pb.ReserveRequest, request_id: str) -> pb.ReserveResponse:
+        async def work(r: pb.ReserveRequest, call: Call) -> pb.ReserveResponse:
             result = await self.ledger.reserve(
-                convert.reserve_command(r), _caller(request_id, r.action, r.request_id)
+                convert.reserve_command(r), _caller(call, r.action, r.request_id)
             )
             return pb.ReserveResponse(
                 reservation=convert.reservation_message(result.reservation),
                 entry=convert.entry_message(result.entry),
             )
 
-        return await run_rpc("Reserve", request, context, work)
+        return await run_rpc("Reserve", request, context, self.policy, work)
 
     async def Commit(self, request: object, context: Context) -> pb.CommitResponse:  # noqa: N802
-        async def work(r: pb.CommitRequest, request_id: str) -> pb.CommitResponse:
-            result = await self.ledger.commit(convert.commit_command(r), _caller(request_id))
+        async def work(r: pb.CommitRequest, call: Call) -> pb.CommitResponse:
+            result = await self.ledger.commit(convert.commit_command(r), _caller(call))
             return pb.CommitResponse(
                 reservation=convert.reservation_message(result.reservation),
                 entry=convert.entry_message(result.entry),
             )
 
-        return await run_rpc("Commit", request, context, work)
+        return await run_rpc("Commit", request, context, self.policy, work)
 
     async def Release(self, request: object, context: Context) -> pb.ReleaseResponse:  # noqa: N802
-        async def work(r: pb.ReleaseRequest, request_id: str) -> pb.ReleaseResponse:
-            result = await self.ledger.release(convert.release_command(r), _caller(request_id))
+        async def work(r: pb.ReleaseRequest, call: Call) -> pb.ReleaseResponse:
+            result = await self.ledger.release(convert.release_command(r), _caller(call))
             return pb.ReleaseResponse(
                 reservation=convert.reservation_message(result.reservation),
                 entry=convert.entry_message(result.entry),
             )
 
-        return await run_rpc("Release", request, context, work)
+        return await run_rpc("Release", request, context, self.policy, work)
 
     async def AddCredits(self, request: object, context: Context) -> pb.AddCreditsResponse:  # noqa: N802
-        async def work(r: pb.AddCreditsRequest, request_id: str) -> pb.AddCreditsResponse:
+        async def work(r: pb.AddCreditsRequest, call: Call) -> pb.AddCreditsResponse:
             result = await self.ledger.add_credits(
-                convert.add_credits_command(r), _caller(request_id, r.action, r.request_id)
+                convert.add_credits_command(r), _caller(call, r.action, r.request_id)
             )
             return pb.AddCreditsResponse(
                 grant=convert.grant_message(result.grant), entry=convert.entry_message(result.entry)
             )
 
-        return await run_rpc("AddCredits", request, context, work)
+        return await run_rpc("AddCredits", request, context, self.policy, work)
 
     async def History(self, request: object, context: Context) -> pb.HistoryResponse:  # noqa: N802
-        async def work(r: pb.HistoryRequest, request_id: str) -> pb.HistoryResponse:
+        async def work(r: pb.HistoryRequest, call: Call) -> pb.HistoryResponse:
             page = await read_history(self.ledger.transactor, convert.history_query(r))
             return convert.history_response(page)
 
-        return await run_rpc("History", request, context, work)
+        return await run_rpc("History", request, context, self.policy, work)
 
     async def SetAccountStatus(  # noqa: N802
         self, request: object, context: Context
     ) -> pb.SetAccountStatusResponse:
-        async def work(
-            r: pb.SetAccountStatusRequest, request_id: str
-        ) -> pb.SetAccountStatusResponse:
+        async def work(r: pb.SetAccountStatusRequest, call: Call) -> pb.SetAccountStatusResponse:
             change = await self.ledger.set_account_status(
-                r.account_id, convert.account_status(r), r.reason, _caller(request_id)
+                r.account_id, convert.account_status(r), r.reason, _caller(call)
             )
             return pb.SetAccountStatusResponse(
                 account_id=change.account_id,
@@ -102,16 +104,16 @@ class CreditsService:
                 changed=change.changed,
             )
 
-        return await run_rpc("SetAccountStatus", request, context, work)
+        return await run_rpc("SetAccountStatus", request, context, self.policy, work)
 
     async def ClawBack(self, request: object, context: Context) -> pb.ClawBackResponse:  # noqa: N802
-        async def work(r: pb.ClawBackRequest, request_id: str) -> pb.ClawBackResponse:
+        async def work(r: pb.ClawBackRequest, call: Call) -> pb.ClawBackResponse:
             result = await self.ledger.claw_back(
-                convert.claw_back_command(r), _caller(request_id, r.action, r.request_id)
+                convert.claw_back_command(r), _caller(call, r.action, r.request_id)
             )
             return convert.claw_back_response(result)
 
-        return await run_rpc("ClawBack", request, context, work)
+        return await run_rpc("ClawBack", request, context, self.policy, work)
 
 
 _METHODS: dict[str, tuple[Any, Any]] = {
@@ -129,6 +131,7 @@ _METHODS: dict[str, tuple[Any, Any]] = {
 def generic_handler(service: CreditsService) -> grpc.GenericRpcHandler[Any, Any]:
     """Like the generated add_CreditsServiceServicer_to_server, but with a decoder that turns
     undecodable bytes into INVALID_ARGUMENT."""
+    assert set(_METHODS) <= set(METHOD_SCOPES), "every RPC needs a scope in server/auth.py"
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(service, name),

@@ -22,12 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from store.model import AccountStatus
 
@@ -39,6 +42,11 @@ REDIS_SNAPSHOT_TTL_MS = 60_000
 # copy can be when several replicas share a database without Redis.
 LOCAL_SNAPSHOT_TTL_MS = 5_000
 LOCAL_ENTRIES_MAX = 100_000
+# In front of Redis, each replica keeps what it read or wrote for this long: a cache hit then
+# costs no network round trip. It bounds how long a write made through ANOTHER replica may go
+# unseen by this one's cached reads (this replica's own writes update it at once). 0 turns it off.
+NEAR_SNAPSHOT_TTL_MS_DEFAULT = 100
+NEAR_SNAPSHOT_TTL_MS_MAX = 5_000
 # After a Redis failure, skip Redis for this long before trying again.
 REDIS_BACKOFF_MS = 1_000
 # Log a Redis failure at most once per this interval (they are counted every time).
@@ -88,6 +96,8 @@ class CacheCounters:
     errors: int = 0
     writes: int = 0
     writes_refused_as_older: int = 0
+    # Hits answered by the in-process copy in front of Redis (also counted in `hits`).
+    near_hits: int = 0
 
 
 class BalanceCache(Protocol):
@@ -102,6 +112,8 @@ class BalanceCache(Protocol):
     ) -> None: ...
 
     async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None: ...
+
+    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -156,8 +168,44 @@ class LocalBalanceCache:
     async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
         self._put(account_key("", account_id), snapshot.encode(), snapshot.version)
 
+    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
+        for account_id, credit_type, snapshot in snapshots:
+            await self.put_wallet(account_id, credit_type, snapshot)
+
     async def close(self) -> None:
         self._entries.clear()
+
+
+ScriptCall = tuple[list[str], list[str | int | float]]
+
+
+async def run_script_pipelined(
+    client: redis_asyncio.Redis, script: AsyncScript, calls: Sequence[ScriptCall]
+) -> list[Any]:
+    """Runs `script` once per call in one round trip, each call atomic on its own.
+
+    EVALSHA straight away: redis-py's own pipelined scripts ask SCRIPT EXISTS first, a second
+    round trip on every flush. Calls refused with NOSCRIPT (Redis restarted or flushed its
+    scripts) ran nothing, so only those are sent again once the script is loaded."""
+    results: list[Any] = [None] * len(calls)
+    pending = list(range(len(calls)))
+    for attempt in range(2):
+        async with client.pipeline(transaction=False) as pipe:
+            for i in pending:
+                keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        for i, reply in zip(pending, replies, strict=True):
+            results[i] = reply
+        pending = [i for i in pending if isinstance(results[i], NoScriptError)]
+        if not pending:
+            break
+        if attempt == 0:
+            await client.script_load(script.script)
+    for reply in results:
+        if isinstance(reply, Exception):
+            raise reply
+    return results
 
 
 def wallet_key(namespace: str, account_id: str, credit_type: str) -> str:
@@ -268,5 +316,69 @@ class RedisBalanceCache:
             account_key(self.namespace, account_id), snapshot.encode(), snapshot.version
         )
 
+    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
+        """Many wallets in one round trip (a reserve batch's wallets), each compare-and-set."""
+        if not snapshots or not self._available():
+            return
+        calls: list[ScriptCall] = [
+            (
+                [wallet_key(self.namespace, account_id, credit_type)],
+                [snapshot.version, snapshot.encode(), self.ttl_ms],
+            )
+            for account_id, credit_type, snapshot in snapshots
+        ]
+        try:
+            stored = await run_script_pipelined(self._client, self._cas, calls)
+        except Exception as error:  # noqa: BLE001 - any cache failure falls back to the database
+            self._failed("write", error)
+            return
+        written = sum(1 for s in stored if s)
+        self.counters.writes += written
+        self.counters.writes_refused_as_older += len(stored) - written
+
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class LayeredBalanceCache:
+    """A short-lived in-process copy in front of a shared cache (Redis).
+
+    Reads try the in-process copy first and fill it from the shared cache; writes go to both.
+    Both layers compare versions, so neither ever goes back to an older snapshot.
+    """
+
+    def __init__(self, shared: BalanceCache, near_ttl_ms: int) -> None:
+        assert 0 < near_ttl_ms <= NEAR_SNAPSHOT_TTL_MS_MAX
+        self.shared = shared
+        self.near = LocalBalanceCache(ttl_ms=near_ttl_ms)
+        self.counters = shared.counters
+
+    async def get(
+        self, account_id: str, credit_type: str
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        wallet, account = await self.near.get(account_id, credit_type)
+        if wallet is not None and account is not None:
+            self.counters.near_hits += 1
+            return wallet, account
+        wallet, account = await self.shared.get(account_id, credit_type)
+        if wallet is not None:
+            await self.near.put_wallet(account_id, credit_type, wallet)
+        if account is not None:
+            await self.near.put_account(account_id, account)
+        return wallet, account
+
+    async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:
+        await self.near.put_wallet(account_id, credit_type, snapshot)
+        await self.shared.put_wallet(account_id, credit_type, snapshot)
+
+    async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
+        await self.near.put_account(account_id, snapshot)
+        await self.shared.put_account(account_id, snapshot)
+
+    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
+        await self.near.put_wallets(snapshots)
+        await self.shared.put_wallets(snapshots)
+
+    async def close(self) -> None:
+        await self.near.close()
+        await self.shared.close()

@@ -23,6 +23,11 @@ from store.schema import idempotency_keys
 RequestFields = Mapping[str, object]
 
 
+def request_json(operation: str, request: RequestFields) -> str:
+    """The canonical form of a request stored with its key (compared field by field on reuse)."""
+    return codec.dumps({"operation": operation, **request})
+
+
 async def claim(
     conn: AsyncConnection,
     account_id: str,
@@ -32,14 +37,14 @@ async def claim(
     now_us: int,
 ) -> codec.Outcome | None:
     """Claims the key for this request (None), or returns the outcome stored under it."""
-    request_json = codec.dumps({"operation": operation, **request})
+    asked_json = request_json(operation, request)
     inserted = await conn.execute(
         upsert(conn, idempotency_keys)
         .values(
             account_id=account_id,
             idempotency_key=key,
             operation=operation,
-            request_json=request_json,
+            request_json=asked_json,
             outcome_json="",
             created_at_us=now_us,
         )
@@ -56,7 +61,7 @@ async def claim(
             )
         )
     ).one()
-    differing = first_differing_field(json.loads(row.request_json), json.loads(request_json))
+    differing = first_differing_field(json.loads(row.request_json), json.loads(asked_json))
     if differing is not None:
         raise IdempotencyKeyReused(key, differing)
     assert row.outcome_json, f"key {key!r} of {account_id!r} was committed without an outcome"

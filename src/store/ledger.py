@@ -11,7 +11,7 @@ not when the request started waiting.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
@@ -57,6 +57,7 @@ from store.model import (
     ReservationStatus,
     ReserveCommand,
 )
+from store.reserve_batch import Published, ReserveBatcher
 from store.rows import WalletState
 from store.schema import (
     account_status_changes,
@@ -74,6 +75,8 @@ class LedgerSettings:
     hold_ttl_seconds_default: int = limits.HOLD_TTL_SECONDS_DEFAULT
     hold_ttl_seconds_max: int = limits.HOLD_TTL_SECONDS_MAX_DEFAULT
     idempotency_retention_seconds: int = limits.IDEMPOTENCY_RETENTION_SECONDS_DEFAULT
+    # Postgres only: concurrent Reserve calls share transactions (store/reserve_batch.py).
+    batch_reserves: bool = True
 
     def __post_init__(self) -> None:
         if (
@@ -125,6 +128,16 @@ class Ledger:
         self.clock: Clock = clock or SystemClock()
         self.settings = settings or LedgerSettings()
         self.transactor = Transactor(engine)
+        self.reserve_batcher = (
+            ReserveBatcher(engine, self.clock, self._publish_all)
+            if self.settings.batch_reserves and engine.dialect.name == "postgresql"
+            else None
+        )
+
+    async def close(self) -> None:
+        """Lets the reserve batches in flight finish (their callers are waiting)."""
+        if self.reserve_batcher is not None:
+            await self.reserve_batcher.close()
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -215,6 +228,11 @@ class Ledger:
             return
         account_id, credit_type, snapshot = written
         await self.cache.put_wallet(account_id, credit_type, snapshot)
+
+    async def _publish_all(self, written: Sequence[Published]) -> None:
+        if self.cache is None:
+            return
+        await self.cache.put_wallets(written)
 
     async def get_grant(self, account_id: str, grant_id: str) -> Grant | None:
         async def work(conn: AsyncConnection) -> Grant | None:
@@ -366,6 +384,15 @@ class Ledger:
             "metadata": dict(cmd.metadata),
             "action": caller.action,
         }
+
+        if self.reserve_batcher is not None:
+            ttl_seconds = cmd.ttl_seconds or self.settings.hold_ttl_seconds_default
+            decided = await self.reserve_batcher.reserve(
+                cmd, caller, idempotency.request_json("reserve", request), ttl_seconds
+            )
+            if decided is not None:
+                return _finish(decided)
+            # A replayed key, or a batch that failed: the one-call path settles it.
 
         async def apply(conn: AsyncConnection) -> ReservationResult | BusinessFailure:
             return await self._reserve(conn, cmd, caller)

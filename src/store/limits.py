@@ -60,5 +60,70 @@ IDEMPOTENCY_RETENTION_SECONDS_DEFAULT: Final = 7 * 86_400
 
 REQUEST_BYTES_MAX: Final = 64 * 1024
 
+# Error statuses travel in trailers, which gRPC clients cap at 8 KiB (16 KiB hard): the message
+# and the field violations are cut to fit well inside, whatever the request held. Non-ASCII
+# text grows up to 3x in the percent-encoded message and 4/3 in the base64 details.
+STATUS_MESSAGE_BYTES_MAX: Final = 512
+STATUS_VIOLATIONS_MAX: Final = 20
+STATUS_VIOLATIONS_BYTES_MAX: Final = 3 * 1024
+STATUS_FIELD_BYTES_MAX: Final = 64
+STATUS_DESCRIPTION_BYTES_MAX: Final = 256
+
 # Rows one sweeper pass touches, so a backlog never makes one giant transaction.
 SWEEP_BATCH_MAX: Final = 500
+# Pending reservations the metrics count at most per refresh (src/store/backlog.py): a count is
+# a scan, and past this many the gauge saturates instead of the scan growing with the backlog.
+BACKLOG_PENDING_SCAN_MAX: Final = 100_000
+
+# Reserve batching on Postgres (store/reserve_batch.py): at most this many calls share one
+# transaction; one batch runs at a time, and another starts beside it only once it has run this
+# long (stuck behind a wallet lock, say), up to this many at once (the rest of the pool stays
+# for other calls); a batch gives up after this long (its calls then go one by one).
+RESERVE_BATCH_MAX: Final = 128
+RESERVE_BATCH_STALL_SECONDS: Final = 0.02
+RESERVE_BATCHES_IN_FLIGHT_MAX: Final = 4
+RESERVE_BATCH_TIMEOUT_SECONDS: Final = 5.0
+
+# Rate limits (src/server/ratelimit.py, docs/rate-limits.md). A rate of 0 turns a limit off.
+# Calls per second one caller may make across every RPC, and how many it may make at once.
+RATE_CALLER_PER_SECOND_DEFAULT: Final = 2_000.0
+RATE_CALLER_BURST_DEFAULT: Final = 4_000
+# Reserve calls per second on one account, from all callers together.
+RATE_ACCOUNT_RESERVES_PER_SECOND_DEFAULT: Final = 200.0
+RATE_ACCOUNT_RESERVES_BURST_DEFAULT: Final = 400
+# Credits per second reserved on one account; off unless configured.
+RATE_ACCOUNT_CREDITS_PER_SECOND_DEFAULT: Final = 0.0
+RATE_ACCOUNT_CREDITS_BURST_DEFAULT: Final = 0
+# No configured rate or burst may exceed these (the largest reservation is AMOUNT_MAX).
+RATE_PER_SECOND_MAX: Final = float(AMOUNT_MAX)
+RATE_BURST_MAX: Final = AMOUNT_MAX
+# Buckets one process keeps when it limits on its own (no Redis, or Redis failing). Evicting
+# the least recently used bucket forgets its debt, so the bound is far above the callers and
+# accounts active within one burst's refill time.
+RATE_LOCAL_BUCKETS_MAX: Final = 100_000
+# Concurrent rate checks share one pipelined Redis round trip, at most this many per trip.
+RATE_CHECKS_PER_ROUND_TRIP_MAX: Final = 256
+# A caller name longer than this is keyed by its digest, so keys stay short whatever it is.
+RATE_CALLER_NAME_LENGTH_MAX: Final = 128
+
+# Callers and their credentials (src/store/callers.py, src/server/auth.py, docs/auth.md).
+# A caller's name is also the journal's principal (journal.principal is 128 characters) and may
+# be a certificate identity (a DNS name, a spiffe:// URI, an e-mail address).
+CALLER_NAME_LENGTH_MAX: Final = 128
+CALLER_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*")
+CALLER_ACCOUNT_PREFIXES_MAX: Final = 32
+# Live (unrevoked) tokens per caller: enough for rotation with overlap, few enough to review.
+CALLER_TOKENS_LIVE_MAX: Final = 8
+TOKEN_LABEL_LENGTH_MAX: Final = 64
+# 32 random bytes: 256 bits, so one SHA-256 (no salt, no stretching) is a safe way to store it.
+TOKEN_RANDOM_BYTES: Final = 32
+# An authorization header longer than this is refused before any lookup.
+BEARER_TOKEN_LENGTH_MAX: Final = 256
+# How long a credential lookup is reused in process: a revoked token or a changed scope takes
+# effect within this time. The configured value may be 0 (no reuse) up to the maximum.
+AUTH_CACHE_TTL_SECONDS_DEFAULT: Final = 5.0
+AUTH_CACHE_TTL_SECONDS_MAX: Final = 300.0
+# Lookups (token digests, certificate identities; unknown ones included) one process remembers.
+AUTH_CACHE_ENTRIES_MAX: Final = 10_000
+# Identities (SANs and the subject CN) read from one client certificate.
+CERTIFICATE_IDENTITIES_MAX: Final = 16

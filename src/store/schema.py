@@ -208,3 +208,50 @@ account_status_changes = Table(
     Column("request_id", String(128), nullable=False),
     Column("created_at_us", BigInteger, nullable=False),
 )
+
+# Who may call the service (docs/auth.md). A caller's name is the journal's principal. Small
+# reference tables, not keyed by account: with Citus they are reference tables, copied to every
+# node, and the hot path only ever reads them (through an in-process cache).
+CALLER_NAME = String(128)
+
+callers = Table(
+    "callers",
+    metadata,
+    Column("caller_name", CALLER_NAME, primary_key=True),
+    Column("status", String(16), nullable=False),
+    # The granted scopes, sorted and space-separated ("credits.read credits.spend").
+    Column("scopes", String(256), nullable=False),
+    # JSON list of account-id prefixes the caller may use; [] means every account.
+    Column("account_prefixes_json", Text, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("updated_at_us", BigInteger, nullable=False),
+    CheckConstraint("status IN ('active', 'disabled')", name="status"),
+)
+
+# Bearer tokens, stored as the SHA-256 of the token: the table never holds a usable secret.
+caller_tokens = Table(
+    "caller_tokens",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    # Public handle for listing and revoking; reveals nothing about the token.
+    Column("token_id", String(64), nullable=False, unique=True),
+    Column("caller_name", CALLER_NAME, nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("revoked_at_us", BigInteger, nullable=True),
+    Index("ix_caller_tokens_caller", "caller_name"),
+)
+
+# Append-only record of every change to callers and tokens: who did what, when. Never a secret.
+caller_changes = Table(
+    "caller_changes",
+    metadata,
+    Column("change_id", ID, primary_key=True),
+    Column("caller_name", CALLER_NAME, nullable=False),
+    Column("change", String(32), nullable=False),
+    # JSON object of what changed (scopes, prefixes, token id and label).
+    Column("detail_json", Text, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Index("ix_caller_changes_caller", "caller_name", "created_at_us"),
+)

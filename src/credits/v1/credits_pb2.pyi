@@ -28,7 +28,23 @@ Conventions (they hold for every RPC):
   visible ASCII characters. Both are recorded on the journal entries the call writes.
 - Requests larger than 64 KiB are refused by the transport (RESOURCE_EXHAUSTED).
 
+Authentication (docs/auth.md): every RPC of this service needs a caller credential, either an
+"authorization: Bearer <token>" metadata header or, on a mutual-TLS listener, a client
+certificate whose SAN or subject CN is a registered caller's name (a token, when sent,
+decides). Each RPC needs one scope: credits.read (CheckCredits, History), credits.spend
+(Reserve, Commit, Release), credits.grant (AddCredits) or credits.admin (SetAccountStatus,
+ClawBack). A caller restricted to account-id prefixes may only name accounts starting with one
+of them. The caller's name is recorded as the principal of every journal entry it causes. The
+health service needs no credential; reflection needs none unless the server is configured so.
+
 Errors are rich gRPC statuses (google.rpc.Status) with details:
+- UNAUTHENTICATED + ErrorInfo, reason one of: CREDENTIAL_MISSING (no authorization header and
+  no client certificate), CREDENTIAL_INVALID (a malformed header, an unknown or revoked token,
+  a certificate naming no caller), CALLER_DISABLED. Checked before anything else; the message
+  never repeats the credential.
+- PERMISSION_DENIED + ErrorInfo, reason SCOPE_MISSING (metadata: caller, method, scope: the
+  scope the RPC needs) or ACCOUNT_NOT_ALLOWED (metadata: caller, account_id,
+  account_prefixes). Nothing was changed.
 - INVALID_ARGUMENT + google.rpc.BadRequest: malformed or out-of-range input, commit above the
   reserved amount. Each field violation names the field and the rule.
 - FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "credits.v1"), reason one of:
@@ -905,8 +921,8 @@ class JournalEntry(_message.Message):
     reservation_id: _builtins.str
     idempotency_key: _builtins.str
     principal: _builtins.str
-    """Who made the change ("anonymous" until caller authentication is configured; "system" for
-    sweepers).
+    """Who made the change: the authenticated caller's name ("system" for the sweepers' expiries;
+    "anonymous" on entries written before callers were authenticated).
     """
     action: _builtins.str
     request_id: _builtins.str

@@ -84,7 +84,7 @@ class CreditsServiceServicer:
     def CheckCredits(self, request, context):
         """Read-only: may the account spend `amount` credits of this type right now? "Not enough" is
         an answer (allowed = false), never an error. Served from the balance cache unless
-        `consistent` is set.
+        `consistent` is set. Scope: credits.read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +94,7 @@ class CreditsServiceServicer:
         """Holds `amount` credits for work in flight, taken from the wallet's live grants in burn-down
         order, all or nothing. Idempotent by key. Fails with FAILED_PRECONDITION
         (INSUFFICIENT_CREDITS or ACCOUNT_LOCKED), changing nothing, when it cannot hold them.
+        Scope: credits.spend.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,7 +105,7 @@ class CreditsServiceServicer:
         returns to the grants it came from. Repeating with the same amount returns the same result;
         with another amount it fails (FAILED_PRECONDITION RESERVATION_COMMITTED). A commit at or
         after the reservation's expires_at fails with FAILED_PRECONDITION RESERVATION_EXPIRED, even
-        if no sweeper has run yet.
+        if no sweeper has run yet. Scope: credits.spend.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,13 +115,15 @@ class CreditsServiceServicer:
         """Gives a pending reservation back in full. Repeating it is harmless and returns the same
         result; releasing an expired reservation returns it with status EXPIRED (its credits are
         already back); releasing a committed one fails (FAILED_PRECONDITION RESERVATION_COMMITTED).
+        Scope: credits.spend.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddCredits(self, request, context):
-        """Adds a grant (a lot of credits) to a wallet. Idempotent by key.
+        """Adds a grant (a lot of credits) to a wallet. Idempotent by key. Scope: credits.grant (the
+        Stripe listener's credential holds it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,7 +131,7 @@ class CreditsServiceServicer:
 
     def History(self, request, context):
         """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
-        pagination.
+        pagination. Scope: credits.read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +141,7 @@ class CreditsServiceServicer:
         """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
         cannot reserve; reads, grants, commits and releases still work. Setting the status it
         already has changes nothing. Every change is recorded with its reason and principal.
+        Scope: credits.admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +151,7 @@ class CreditsServiceServicer:
         """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
         unspent: its remaining credits. Never below zero and never from credits held, consumed or
         expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
+        Scope: credits.admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

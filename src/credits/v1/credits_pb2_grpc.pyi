@@ -28,7 +28,23 @@ Conventions (they hold for every RPC):
   visible ASCII characters. Both are recorded on the journal entries the call writes.
 - Requests larger than 64 KiB are refused by the transport (RESOURCE_EXHAUSTED).
 
+Authentication (docs/auth.md): every RPC of this service needs a caller credential, either an
+"authorization: Bearer <token>" metadata header or, on a mutual-TLS listener, a client
+certificate whose SAN or subject CN is a registered caller's name (a token, when sent,
+decides). Each RPC needs one scope: credits.read (CheckCredits, History), credits.spend
+(Reserve, Commit, Release), credits.grant (AddCredits) or credits.admin (SetAccountStatus,
+ClawBack). A caller restricted to account-id prefixes may only name accounts starting with one
+of them. The caller's name is recorded as the principal of every journal entry it causes. The
+health service needs no credential; reflection needs none unless the server is configured so.
+
 Errors are rich gRPC statuses (google.rpc.Status) with details:
+- UNAUTHENTICATED + ErrorInfo, reason one of: CREDENTIAL_MISSING (no authorization header and
+  no client certificate), CREDENTIAL_INVALID (a malformed header, an unknown or revoked token,
+  a certificate naming no caller), CALLER_DISABLED. Checked before anything else; the message
+  never repeats the credential.
+- PERMISSION_DENIED + ErrorInfo, reason SCOPE_MISSING (metadata: caller, method, scope: the
+  scope the RPC needs) or ACCOUNT_NOT_ALLOWED (metadata: caller, account_id,
+  account_prefixes). Nothing was changed.
 - INVALID_ARGUMENT + google.rpc.BadRequest: malformed or out-of-range input, commit above the
   reserved amount. Each field violation names the field and the rule.
 - FAILED_PRECONDITION + google.rpc.ErrorInfo (domain "credits.v1"), reason one of:
@@ -75,40 +91,46 @@ class CreditsServiceStub:
     CheckCredits: _grpc.UnaryUnaryMultiCallable[_credits_pb2.CheckCreditsRequest, _credits_pb2.CheckCreditsResponse]
     """Read-only: may the account spend `amount` credits of this type right now? "Not enough" is
     an answer (allowed = false), never an error. Served from the balance cache unless
-    `consistent` is set.
+    `consistent` is set. Scope: credits.read.
     """
     Reserve: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ReserveRequest, _credits_pb2.ReserveResponse]
     """Holds `amount` credits for work in flight, taken from the wallet's live grants in burn-down
     order, all or nothing. Idempotent by key. Fails with FAILED_PRECONDITION
     (INSUFFICIENT_CREDITS or ACCOUNT_LOCKED), changing nothing, when it cannot hold them.
+    Scope: credits.spend.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_credits_pb2.CommitRequest, _credits_pb2.CommitResponse]
     """Charges a pending reservation for the actual cost (0..reserved, default all of it); the rest
     returns to the grants it came from. Repeating with the same amount returns the same result;
     with another amount it fails (FAILED_PRECONDITION RESERVATION_COMMITTED). A commit at or
     after the reservation's expires_at fails with FAILED_PRECONDITION RESERVATION_EXPIRED, even
-    if no sweeper has run yet.
+    if no sweeper has run yet. Scope: credits.spend.
     """
     Release: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ReleaseRequest, _credits_pb2.ReleaseResponse]
     """Gives a pending reservation back in full. Repeating it is harmless and returns the same
     result; releasing an expired reservation returns it with status EXPIRED (its credits are
     already back); releasing a committed one fails (FAILED_PRECONDITION RESERVATION_COMMITTED).
+    Scope: credits.spend.
     """
     AddCredits: _grpc.UnaryUnaryMultiCallable[_credits_pb2.AddCreditsRequest, _credits_pb2.AddCreditsResponse]
-    """Adds a grant (a lot of credits) to a wallet. Idempotent by key."""
+    """Adds a grant (a lot of credits) to a wallet. Idempotent by key. Scope: credits.grant (the
+    Stripe listener's credential holds it).
+    """
     History: _grpc.UnaryUnaryMultiCallable[_credits_pb2.HistoryRequest, _credits_pb2.HistoryResponse]
     """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
-    pagination.
+    pagination. Scope: credits.read.
     """
     SetAccountStatus: _grpc.UnaryUnaryMultiCallable[_credits_pb2.SetAccountStatusRequest, _credits_pb2.SetAccountStatusResponse]
     """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
     cannot reserve; reads, grants, commits and releases still work. Setting the status it
     already has changes nothing. Every change is recorded with its reason and principal.
+    Scope: credits.admin.
     """
     ClawBack: _grpc.UnaryUnaryMultiCallable[_credits_pb2.ClawBackRequest, _credits_pb2.ClawBackResponse]
     """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
     unspent: its remaining credits. Never below zero and never from credits held, consumed or
     expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
+    Scope: credits.admin.
     """
 
 @_typing.type_check_only
@@ -119,40 +141,46 @@ class CreditsServiceAsyncStub(CreditsServiceStub):
     CheckCredits: _aio.UnaryUnaryMultiCallable[_credits_pb2.CheckCreditsRequest, _credits_pb2.CheckCreditsResponse]  # type: ignore[assignment]
     """Read-only: may the account spend `amount` credits of this type right now? "Not enough" is
     an answer (allowed = false), never an error. Served from the balance cache unless
-    `consistent` is set.
+    `consistent` is set. Scope: credits.read.
     """
     Reserve: _aio.UnaryUnaryMultiCallable[_credits_pb2.ReserveRequest, _credits_pb2.ReserveResponse]  # type: ignore[assignment]
     """Holds `amount` credits for work in flight, taken from the wallet's live grants in burn-down
     order, all or nothing. Idempotent by key. Fails with FAILED_PRECONDITION
     (INSUFFICIENT_CREDITS or ACCOUNT_LOCKED), changing nothing, when it cannot hold them.
+    Scope: credits.spend.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_credits_pb2.CommitRequest, _credits_pb2.CommitResponse]  # type: ignore[assignment]
     """Charges a pending reservation for the actual cost (0..reserved, default all of it); the rest
     returns to the grants it came from. Repeating with the same amount returns the same result;
     with another amount it fails (FAILED_PRECONDITION RESERVATION_COMMITTED). A commit at or
     after the reservation's expires_at fails with FAILED_PRECONDITION RESERVATION_EXPIRED, even
-    if no sweeper has run yet.
+    if no sweeper has run yet. Scope: credits.spend.
     """
     Release: _aio.UnaryUnaryMultiCallable[_credits_pb2.ReleaseRequest, _credits_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Gives a pending reservation back in full. Repeating it is harmless and returns the same
     result; releasing an expired reservation returns it with status EXPIRED (its credits are
     already back); releasing a committed one fails (FAILED_PRECONDITION RESERVATION_COMMITTED).
+    Scope: credits.spend.
     """
     AddCredits: _aio.UnaryUnaryMultiCallable[_credits_pb2.AddCreditsRequest, _credits_pb2.AddCreditsResponse]  # type: ignore[assignment]
-    """Adds a grant (a lot of credits) to a wallet. Idempotent by key."""
+    """Adds a grant (a lot of credits) to a wallet. Idempotent by key. Scope: credits.grant (the
+    Stripe listener's credential holds it).
+    """
     History: _aio.UnaryUnaryMultiCallable[_credits_pb2.HistoryRequest, _credits_pb2.HistoryResponse]  # type: ignore[assignment]
     """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
-    pagination.
+    pagination. Scope: credits.read.
     """
     SetAccountStatus: _aio.UnaryUnaryMultiCallable[_credits_pb2.SetAccountStatusRequest, _credits_pb2.SetAccountStatusResponse]  # type: ignore[assignment]
     """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
     cannot reserve; reads, grants, commits and releases still work. Setting the status it
     already has changes nothing. Every change is recorded with its reason and principal.
+    Scope: credits.admin.
     """
     ClawBack: _aio.UnaryUnaryMultiCallable[_credits_pb2.ClawBackRequest, _credits_pb2.ClawBackResponse]  # type: ignore[assignment]
     """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
     unspent: its remaining credits. Never below zero and never from credits held, consumed or
     expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
+    Scope: credits.admin.
     """
 
 class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -166,7 +194,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credits_pb2.CheckCreditsResponse, _abc.Awaitable[_credits_pb2.CheckCreditsResponse]]:
         """Read-only: may the account spend `amount` credits of this type right now? "Not enough" is
         an answer (allowed = false), never an error. Served from the balance cache unless
-        `consistent` is set.
+        `consistent` is set. Scope: credits.read.
         """
 
     @_abc_1.abstractmethod
@@ -178,6 +206,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Holds `amount` credits for work in flight, taken from the wallet's live grants in burn-down
         order, all or nothing. Idempotent by key. Fails with FAILED_PRECONDITION
         (INSUFFICIENT_CREDITS or ACCOUNT_LOCKED), changing nothing, when it cannot hold them.
+        Scope: credits.spend.
         """
 
     @_abc_1.abstractmethod
@@ -190,7 +219,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         returns to the grants it came from. Repeating with the same amount returns the same result;
         with another amount it fails (FAILED_PRECONDITION RESERVATION_COMMITTED). A commit at or
         after the reservation's expires_at fails with FAILED_PRECONDITION RESERVATION_EXPIRED, even
-        if no sweeper has run yet.
+        if no sweeper has run yet. Scope: credits.spend.
         """
 
     @_abc_1.abstractmethod
@@ -202,6 +231,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Gives a pending reservation back in full. Repeating it is harmless and returns the same
         result; releasing an expired reservation returns it with status EXPIRED (its credits are
         already back); releasing a committed one fails (FAILED_PRECONDITION RESERVATION_COMMITTED).
+        Scope: credits.spend.
         """
 
     @_abc_1.abstractmethod
@@ -210,7 +240,9 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _credits_pb2.AddCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_credits_pb2.AddCreditsResponse, _abc.Awaitable[_credits_pb2.AddCreditsResponse]]:
-        """Adds a grant (a lot of credits) to a wallet. Idempotent by key."""
+        """Adds a grant (a lot of credits) to a wallet. Idempotent by key. Scope: credits.grant (the
+        Stripe listener's credential holds it).
+        """
 
     @_abc_1.abstractmethod
     def History(
@@ -219,7 +251,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credits_pb2.HistoryResponse, _abc.Awaitable[_credits_pb2.HistoryResponse]]:
         """The journal of a wallet or of a whole account, newest first, with filters and opaque cursor
-        pagination.
+        pagination. Scope: credits.read.
         """
 
     @_abc_1.abstractmethod
@@ -231,6 +263,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Admin: locks or unlocks an account (e.g. while a payment is disputed). A locked account
         cannot reserve; reads, grants, commits and releases still work. Setting the status it
         already has changes nothing. Every change is recorded with its reason and principal.
+        Scope: credits.admin.
         """
 
     @_abc_1.abstractmethod
@@ -242,6 +275,7 @@ class CreditsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Takes back up to `amount` credits of one grant (a refund, a chargeback), from what is still
         unspent: its remaining credits. Never below zero and never from credits held, consumed or
         expired: what cannot be taken is reported as `shortfall`, not forced. Idempotent by key.
+        Scope: credits.admin.
         """
 
 def add_CreditsServiceServicer_to_server(servicer: CreditsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,250 @@
+"""Reserve batching on Postgres: many calls per transaction decide exactly as one call at a time.
+
+Every test checks the batcher really batched (or really handed back), so a silent fallback to
+the one-call path cannot pass for the batch path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from store.audit import audit
+from store.clock import ManualClock
+from store.database import create_engine
+from store.errors import AccountLocked, IdempotencyKeyReused, InsufficientCredits
+from store.ledger import Ledger, LedgerSettings
+from store.model import (
+    AccountStatus,
+    AddCreditsCommand,
+    Caller,
+    GrantSource,
+    ReservationResult,
+    ReserveCommand,
+)
+from store.reserve_batch import ReserveBatcher
+
+Accounts = Callable[[str], str]
+CALLER = Caller(principal="svc:test", action="test.batch", request_id="req-b")
+pytestmark = [pytest.mark.postgres]
+
+
+@pytest.fixture
+async def pg_ledger(
+    postgres_url: str, clock: ManualClock, accounts: Accounts
+) -> AsyncIterator[Ledger]:
+    engine = create_engine(postgres_url)
+    try:
+        ledger = Ledger(engine, clock, LedgerSettings())
+        yield ledger
+        await ledger.close()
+        report = await audit(engine, accounts.prefix)  # type: ignore[attr-defined]
+        assert report.clean, "\n".join(map(str, report.mismatches))
+    finally:
+        await engine.dispose()
+
+
+def batcher(ledger: Ledger) -> ReserveBatcher:
+    assert ledger.reserve_batcher is not None, "Postgres ledgers batch reserves"
+    return ledger.reserve_batcher
+
+
+async def fund(ledger: Ledger, account: str, amount: int, key: str = "fund", **kw: object) -> None:
+    await ledger.add_credits(
+        AddCreditsCommand(account, "default", amount, key, GrantSource.PURCHASE, **kw),  # type: ignore[arg-type]
+        CALLER,
+    )
+
+
+async def outcome(ledger: Ledger, account: str, amount: int, key: str) -> str:
+    try:
+        await ledger.reserve(ReserveCommand(account, "default", amount, key), CALLER)
+        return "OK"
+    except (InsufficientCredits, AccountLocked) as failure:
+        return failure.reason
+
+
+async def test_a_hot_wallet_is_spent_exactly_once_per_credit_in_batches(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    account = accounts("hot")
+    await fund(pg_ledger, account, 60, "a", priority=1)
+    await fund(pg_ledger, account, 40, "b", priority=2)
+    results = await asyncio.gather(*(outcome(pg_ledger, account, 1, f"r{i}") for i in range(200)))
+    assert Counter(results) == {"OK": 100, "INSUFFICIENT_CREDITS": 100}
+    counters = batcher(pg_ledger).counters
+    assert counters.largest_batch > 1 and counters.failed_batches == 0
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (0, 100)
+    # Replays go the one-call path and return the stored outcome of each key.
+    replays = await asyncio.gather(*(outcome(pg_ledger, account, 1, f"r{i}") for i in range(200)))
+    assert replays == results
+
+
+async def test_many_wallets_in_one_batch_keep_their_own_sequences_and_burn_down_order(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    wallets = [accounts(f"w{i}") for i in range(20)]
+    for account in wallets:
+        await fund(pg_ledger, account, 5, "promo", priority=1)
+        await fund(pg_ledger, account, 100, "paid", priority=5)
+    calls = [(account, i) for i in range(10) for account in wallets]
+    results = await asyncio.gather(
+        *(pg_ledger.reserve(ReserveCommand(a, "default", 2, f"k{i}"), CALLER) for a, i in calls)
+    )
+    assert batcher(pg_ledger).counters.largest_batch > 1
+    for account in wallets:
+        mine = sorted(
+            (r for r in results if r.reservation.account_id == account),
+            key=lambda r: r.entry.sequence,
+        )
+        # Two grant entries, then ten reserves with consecutive sequences and balances.
+        assert [r.entry.sequence for r in mine] == list(range(3, 13))
+        assert [r.entry.available_after for r in mine] == list(range(103, 83, -2))
+        # The promo lot (priority 1) is taken first: 2 + 2 + 1 of it, then the paid grant.
+        taken = [[s.amount for s in r.reservation.slices] for r in mine[:3]]
+        assert taken == [[2], [2], [1, 1]]
+        balance = await pg_ledger.check(account, "default", consistent=True)
+        assert (balance.available, balance.reserved) == (85, 20)
+
+
+async def test_the_same_key_many_times_at_once_has_one_effect(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    account = accounts("dup")
+    await fund(pg_ledger, account, 10)
+    results: list[ReservationResult] = await asyncio.gather(
+        *(
+            pg_ledger.reserve(ReserveCommand(account, "default", 3, "same"), CALLER)
+            for _ in range(30)
+        )
+    )
+    assert len({r.reservation.reservation_id for r in results}) == 1
+    assert all(r == results[0] for r in results)
+    assert batcher(pg_ledger).counters.handed_back >= 29
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (7, 3)
+
+
+async def test_failures_are_decided_in_the_batch_and_stored_under_their_keys(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    locked, empty, short = accounts("locked"), accounts("empty"), accounts("short")
+    await fund(pg_ledger, locked, 10)
+    await pg_ledger.set_account_status(locked, AccountStatus.LOCKED, "test", CALLER)
+    await fund(pg_ledger, short, 2)
+    results = await asyncio.gather(
+        outcome(pg_ledger, locked, 1, "k"),
+        outcome(pg_ledger, empty, 1, "k"),
+        outcome(pg_ledger, short, 3, "k"),
+        outcome(pg_ledger, short, 2, "k2"),
+    )
+    assert results == ["ACCOUNT_LOCKED", "INSUFFICIENT_CREDITS", "INSUFFICIENT_CREDITS", "OK"]
+    # Final for their keys: the same answers after the lock is lifted and credits arrive.
+    await pg_ledger.set_account_status(locked, AccountStatus.ACTIVE, "test", CALLER)
+    await fund(pg_ledger, empty, 10)
+    await fund(pg_ledger, short, 10, "more")
+    assert await outcome(pg_ledger, locked, 1, "k") == "ACCOUNT_LOCKED"
+    assert await outcome(pg_ledger, empty, 1, "k") == "INSUFFICIENT_CREDITS"
+    assert await outcome(pg_ledger, short, 3, "k") == "INSUFFICIENT_CREDITS"
+    with pytest.raises(IdempotencyKeyReused):
+        await pg_ledger.reserve(ReserveCommand(short, "default", 4, "k"), CALLER)
+
+
+async def test_a_caller_that_gave_up_before_its_turn_leaves_nothing_and_its_key_free(
+    pg_ledger: Ledger, postgres_url: str, accounts: Accounts
+) -> None:
+    account = accounts("gaveup")
+    await fund(pg_ledger, account, 10)
+    blocker = await asyncpg.connect(
+        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", account)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await pg_ledger.reserve(ReserveCommand(account, "default", 4, "late"), CALLER)
+        await holding.rollback()
+    finally:
+        await blocker.close()
+    await batcher(pg_ledger).close()
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (10, 0)
+    # The key is free: another amount under it is a new request, not a reuse.
+    result = await pg_ledger.reserve(ReserveCommand(account, "default", 5, "late"), CALLER)
+    assert result.reservation.amount == 5
+
+
+async def test_a_failed_batch_hands_every_call_to_the_one_call_path(
+    pg_ledger: Ledger, postgres_url: str, accounts: Accounts
+) -> None:
+    """A batch that fails (here: a trigger refuses one reservation of it) rolls back whole; each
+    call then runs alone, so only the refused one fails."""
+    account, bad = accounts("ok"), accounts("bad")
+    await fund(pg_ledger, account, 10)
+    await fund(pg_ledger, bad, 10)
+    function = "refuse_" + "".join(c for c in accounts.prefix if c.isalnum())  # type: ignore[attr-defined]
+    engine = pg_ledger.engine
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.account_id = '{bad}' THEN RAISE EXCEPTION 'refused'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        await conn.exec_driver_sql(
+            f"CREATE TRIGGER {function} BEFORE INSERT ON reservations "
+            f"FOR EACH ROW EXECUTE FUNCTION {function}()"
+        )
+    try:
+        results = await asyncio.gather(
+            *(
+                pg_ledger.reserve(ReserveCommand(a, "default", 1, f"k{i}"), CALLER)
+                for i in range(5)
+                for a in (account, bad)
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(f"DROP TRIGGER {function} ON reservations")
+            await conn.exec_driver_sql(f"DROP FUNCTION {function}()")
+    assert batcher(pg_ledger).counters.failed_batches >= 1
+    good = [r for r in results if isinstance(r, ReservationResult)]
+    assert len(good) == 5 and {r.reservation.account_id for r in good} == {account}
+    assert all(not isinstance(r, ReservationResult) for r in results[1::2])
+    assert (await pg_ledger.check(bad, "default", consistent=True)).available == 10
+    assert (await pg_ledger.check(account, "default", consistent=True)).available == 5
+
+
+async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_accounts(
+    pg_ledger: Ledger, postgres_url: str, accounts: Accounts
+) -> None:
+    stuck, free = accounts("stuck"), accounts("free")
+    await fund(pg_ledger, stuck, 10)
+    await fund(pg_ledger, free, 10)
+    blocker = await asyncpg.connect(
+        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", stuck)
+        waiting = asyncio.ensure_future(
+            pg_ledger.reserve(ReserveCommand(stuck, "default", 1, "s"), CALLER)
+        )
+        await asyncio.sleep(0.1)
+        # Another batch starts beside the stuck one and finishes while it still waits.
+        async with asyncio.timeout(2):
+            result = await pg_ledger.reserve(ReserveCommand(free, "default", 1, "f"), CALLER)
+        assert result.reservation.amount == 1 and not waiting.done()
+        await holding.rollback()
+        assert (await waiting).reservation.amount == 1
+    finally:
+        await blocker.close()
