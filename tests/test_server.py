@@ -131,6 +131,17 @@ async def test_request_id_from_the_caller_is_echoed_and_journaled(
     assert ("x-request-id", "req-abc-123") in tuple(await call.trailing_metadata())
     assert response.entry.request_id == "req-abc-123"
     assert response.entry.principal == TEST_CALLER
+    # A successful read skips the trailer (it journals nothing); a failed one carries it.
+    read = server.stub.CheckCredits(
+        pb.CheckCreditsRequest(account_id=account), metadata=(("x-request-id", "req-read"),)
+    )
+    await read
+    assert all(key != "x-request-id" for key, _ in (await read.trailing_metadata()) or ())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await server.stub.CheckCredits(
+            pb.CheckCreditsRequest(account_id=""), metadata=(("x-request-id", "req-bad"),)
+        )
+    assert ("x-request-id", "req-bad") in tuple(refused.value.trailing_metadata() or ())
 
 
 async def test_an_expired_deadline_changes_nothing(

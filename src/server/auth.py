@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
@@ -130,9 +130,16 @@ class Authenticator:
         self._cache = _TtlCache(cache_ttl_seconds, monotonic)
         self._pending: dict[_CacheKey, asyncio.Future[CallerRecord | None]] = {}
 
-    async def authorize(self, method: str, request: object, context: Context) -> CallerRecord:
-        """The authenticated caller, if it may make this call on the request's account."""
-        caller = await self.authenticate(context)
+    async def authorize(
+        self,
+        method: str,
+        request: object,
+        context: Context,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+    ) -> CallerRecord:
+        """The authenticated caller, if it may make this call on the request's account.
+        `metadata`: the call's invocation metadata when the caller already read it."""
+        caller = await self.authenticate(context, metadata)
         # An RPC missing from the table needs the widest scope: a new RPC is closed by default.
         scope = METHOD_SCOPES.get(method, Scope.ADMIN)
         if scope not in caller.scopes:
@@ -166,9 +173,11 @@ class Authenticator:
             )
         return caller
 
-    async def authenticate(self, context: Context) -> CallerRecord:
+    async def authenticate(
+        self, context: Context, metadata: Sequence[tuple[str, str | bytes]] | None = None
+    ) -> CallerRecord:
         """The caller named by the call's bearer token, else by its client certificate."""
-        token = bearer_token(context.invocation_metadata() or ())
+        token = bearer_token(context.invocation_metadata() or () if metadata is None else metadata)
         if token is not None:
             digest = token_digest(token)
             caller = await self._lookup(
