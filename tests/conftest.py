@@ -221,16 +221,34 @@ def clock() -> ManualClock:
     return ManualClock(MANUAL_CLOCK_START_US)
 
 
+def assert_no_failed_batches(ledger: Ledger, request: pytest.FixtureRequest) -> None:
+    """A failed group-commit batch hands its calls to the one-call path, which answers them
+    right: without this check a broken batch path would pass every test, only slower."""
+    if request.node.get_closest_marker("batch_failures_expected"):
+        return
+    for batcher in (ledger.reserve_batcher, ledger.resolve_batcher):
+        if batcher is not None:
+            assert batcher.counters.failed_batches == 0, (
+                f"{type(batcher).__name__} had failed batches (see the logged traceback)"
+            )
+
+
 @pytest.fixture
 async def ledger(
-    database_url: str, clock: ManualClock, accounts: Callable[[str], str]
+    database_url: str,
+    clock: ManualClock,
+    accounts: Callable[[str], str],
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Ledger]:
     """A ledger on a manual clock; its accounts must audit clean when the test ends."""
     engine = create_engine(database_url)
     try:
-        yield Ledger(engine, clock, LedgerSettings())
+        ledger = Ledger(engine, clock, LedgerSettings())
+        yield ledger
+        await ledger.close()
         report = await audit(engine, accounts.prefix)  # type: ignore[attr-defined]
         assert report.clean, "\n".join(map(str, report.mismatches))
+        assert_no_failed_batches(ledger, request)
     finally:
         await engine.dispose()
 
@@ -245,7 +263,7 @@ class RunningServer:
 
 @pytest.fixture
 async def start_server(
-    accounts: Callable[[str], str],
+    accounts: Callable[[str], str], request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., object]]:
     """start_server(database_url, clock=None, **config) -> RunningServer on a free port."""
     running: list[RunningServer] = []
@@ -271,6 +289,7 @@ async def start_server(
     for server in running:
         await server.channel.close()
         await asyncio.wait_for(server.app.stop(grace_seconds=0), 30)
+        assert_no_failed_batches(server.app.ledger, request)
         await assert_audit_clean(server.app.config.database_url, accounts.prefix)  # type: ignore[attr-defined]
 
 

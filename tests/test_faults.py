@@ -66,6 +66,7 @@ async def test_a_deadline_that_passes_while_waiting_for_the_wallet_changes_nothi
     assert response.reservation.amount == 10
 
 
+@pytest.mark.batch_failures_expected
 async def test_an_unexpected_database_error_is_internal_quotes_the_request_id_and_rolls_back(
     start_server: Any, postgres_url: str, accounts: Accounts
 ) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
+from store.batching import Published
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, consume
 from store.cache import AccountSnapshot, BalanceCache, WalletSnapshot
 from store.clock import Clock, SystemClock
@@ -57,7 +58,8 @@ from store.model import (
     ReservationStatus,
     ReserveCommand,
 )
-from store.reserve_batch import Published, ReserveBatcher
+from store.reserve_batch import ReserveBatcher
+from store.resolve_batch import ResolveBatcher
 from store.rows import WalletState
 from store.schema import (
     account_status_changes,
@@ -75,8 +77,9 @@ class LedgerSettings:
     hold_ttl_seconds_default: int = limits.HOLD_TTL_SECONDS_DEFAULT
     hold_ttl_seconds_max: int = limits.HOLD_TTL_SECONDS_MAX_DEFAULT
     idempotency_retention_seconds: int = limits.IDEMPOTENCY_RETENTION_SECONDS_DEFAULT
-    # Postgres only: concurrent Reserve calls share transactions (store/reserve_batch.py).
-    batch_reserves: bool = True
+    # Postgres only: concurrent Reserve, Commit and Release calls share transactions
+    # (store/batching.py).
+    batch_writes: bool = True
 
     def __post_init__(self) -> None:
         if (
@@ -128,16 +131,19 @@ class Ledger:
         self.clock: Clock = clock or SystemClock()
         self.settings = settings or LedgerSettings()
         self.transactor = Transactor(engine)
+        batching = self.settings.batch_writes and engine.dialect.name == "postgresql"
         self.reserve_batcher = (
-            ReserveBatcher(engine, self.clock, self._publish_all)
-            if self.settings.batch_reserves and engine.dialect.name == "postgresql"
-            else None
+            ReserveBatcher(engine, self.clock, self._publish_all) if batching else None
+        )
+        self.resolve_batcher = (
+            ResolveBatcher(engine, self.clock, self._publish_all) if batching else None
         )
 
     async def close(self) -> None:
         """Lets the reserve batches in flight finish (their callers are waiting)."""
-        if self.reserve_batcher is not None:
-            await self.reserve_batcher.close()
+        for batcher in (self.reserve_batcher, self.resolve_batcher):
+            if batcher is not None:
+                await batcher.close()
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -518,6 +524,14 @@ class Ledger:
         amount: int | None,
         caller: Caller,
     ) -> ReservationResult:
+        if self.resolve_batcher is not None and resolution != "expire":
+            decided = await self.resolve_batcher.resolve(
+                account_id, reservation_id, resolution, amount, caller
+            )
+            if decided is not None:
+                return decided
+            # Not the plain case (or a batch that failed): the one-call path answers.
+
         async def work(conn: AsyncConnection) -> ReservationResult | LedgerError:
             credit_type = await conn.scalar(
                 select(reservations.c.credit_type).where(

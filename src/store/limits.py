@@ -75,14 +75,15 @@ SWEEP_BATCH_MAX: Final = 500
 # a scan, and past this many the gauge saturates instead of the scan growing with the backlog.
 BACKLOG_PENDING_SCAN_MAX: Final = 100_000
 
-# Reserve batching on Postgres (store/reserve_batch.py): at most this many calls share one
-# transaction; one batch runs at a time, and another starts beside it only once it has run this
-# long (stuck behind a wallet lock, say), up to this many at once (the rest of the pool stays
-# for other calls); a batch gives up after this long (its calls then go one by one).
-RESERVE_BATCH_MAX: Final = 128
-RESERVE_BATCH_STALL_SECONDS: Final = 0.02
-RESERVE_BATCHES_IN_FLIGHT_MAX: Final = 4
-RESERVE_BATCH_TIMEOUT_SECONDS: Final = 5.0
+# Group commit on Postgres (store/batching.py: Reserve, Commit, Release): at most this many calls
+# share one transaction; one batch of a kind runs at a time, and another starts beside it only
+# once it has run this long (stuck behind a wallet lock, say), up to this many at once (the rest
+# of the pool stays for other calls); a batch gives up after this long (its calls then go one by
+# one).
+BATCH_MAX: Final = 128
+BATCH_STALL_SECONDS: Final = 0.02
+BATCHES_IN_FLIGHT_MAX: Final = 4
+BATCH_TIMEOUT_SECONDS: Final = 5.0
 
 # Rate limits (src/server/ratelimit.py, docs/rate-limits.md). A rate of 0 turns a limit off.
 # Calls per second one caller may make across every RPC, and how many it may make at once.

@@ -20,18 +20,14 @@ deleted in the same transaction: nothing happened, and the key stays free for a 
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from store import codec, limits
+from store.batching import Batcher, Published, Waiting, columns
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
-from store.clock import Clock
 from store.errors import AccountLocked, BusinessFailure, InsufficientCredits
 from store.ids import new_id
 from store.model import (
@@ -46,11 +42,7 @@ from store.model import (
     ReserveCommand,
 )
 
-log = logging.getLogger(__name__)
-
 ReserveOutcome = ReservationResult | BusinessFailure
-# A published snapshot: (account_id, credit_type, snapshot).
-Published = tuple[str, str, WalletSnapshot]
 
 # Claims the keys and locks the wallets in one round trip. Wallets are locked sorted (LockRows
 # runs above the sort), so batches never deadlock on wallets. The two parts of one statement run
@@ -146,14 +138,15 @@ SELECT (SELECT count(*) FROM g), (SELECT count(*) FROM r), (SELECT count(*) FROM
 """
 
 
-@dataclass
-class _Request:
+@dataclass(frozen=True)
+class ReserveCall:
     cmd: ReserveCommand
     caller: Caller
     request_json: str
     ttl_seconds: int
-    arrival: int
-    future: asyncio.Future[ReserveOutcome | None]
+
+
+_Request = Waiting[ReserveCall, ReserveOutcome]
 
 
 @dataclass
@@ -181,138 +174,40 @@ class _Writes:
     unclaimed: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass
-class BatchCounters:
-    batches: int = 0
-    requests: int = 0
-    largest_batch: int = 0
-    # Batches whose transaction failed; their requests went the one-call path.
-    failed_batches: int = 0
-    # Requests sent to the one-call path: replayed keys, duplicates, failed batches.
-    handed_back: int = 0
-
-
-class ReserveBatcher:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        clock: Clock,
-        publish: Callable[[Sequence[Published]], Awaitable[None]],
-        *,
-        batch_max: int = limits.RESERVE_BATCH_MAX,
-        batches_in_flight_max: int = limits.RESERVE_BATCHES_IN_FLIGHT_MAX,
-    ) -> None:
-        self.engine = engine
-        self.clock = clock
-        self.publish = publish
-        self.batch_max = batch_max
-        self.batches_in_flight_max = batches_in_flight_max
-        self.counters = BatchCounters()
-        self._queue: list[_Request] = []
-        self._arrivals = 0
-        # Running batches and when each started.
-        self._tasks: dict[asyncio.Task[None], float] = {}
-        self._recheck: asyncio.TimerHandle | None = None
-
+class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
     async def reserve(
         self, cmd: ReserveCommand, caller: Caller, request_json: str, ttl_seconds: int
     ) -> ReserveOutcome | None:
         """The outcome decided in a batch, or None: take the one-call path."""
-        future: asyncio.Future[ReserveOutcome | None] = asyncio.get_running_loop().create_future()
-        self._arrivals += 1
-        self._queue.append(_Request(cmd, caller, request_json, ttl_seconds, self._arrivals, future))
-        self._start_batches()
-        return await future
+        return await self.submit(ReserveCall(cmd, caller, request_json, ttl_seconds))
 
-    async def close(self) -> None:
-        """Waits for the batches in flight (their callers are waiting for them)."""
-        while self._tasks or self._queue:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            if not self._tasks and self._queue:
-                self._start_batches()
-
-    def _start_batches(self) -> None:
-        """No timer: a batch takes whatever queued while the previous one ran, so an idle
-        server answers a lone call at once and a busy one puts more calls in each commit (one
-        batch at a time makes the biggest batches, and CPU per call falls as they grow). A
-        second batch starts only beside one that has run for RESERVE_BATCH_STALL_SECONDS
-        (waiting on a wallet another transaction holds, say), so one slow wallet never
-        holds up everyone else's Reserve."""
-        self._recheck = None
-        loop = asyncio.get_running_loop()
-        while self._queue and len(self._tasks) < self.batches_in_flight_max:
-            now = loop.time()
-            youngest_age = min((now - t for t in self._tasks.values()), default=None)
-            if youngest_age is not None and youngest_age < limits.RESERVE_BATCH_STALL_SECONDS:
-                if self._recheck is None:
-                    self._recheck = loop.call_later(
-                        limits.RESERVE_BATCH_STALL_SECONDS - youngest_age, self._start_batches
-                    )
-                return
-            batch = self._queue[: self.batch_max]
-            del self._queue[: self.batch_max]
-            task = asyncio.create_task(self._run(batch))
-            self._tasks[task] = now
-            task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
-        if self._recheck is not None:
-            self._recheck.cancel()
-        self._start_batches()
-
-    async def _run(self, batch: list[_Request]) -> None:
-        self.counters.batches += 1
-        self.counters.requests += len(batch)
-        self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
-        unique: dict[tuple[str, str], _Request] = {}
-        for request in batch:
-            unique.setdefault((request.cmd.account_id, request.cmd.idempotency_key), request)
-        decided: dict[int, ReserveOutcome] = {}
-        published: list[Published] = []
-        try:
-            async with asyncio.timeout(limits.RESERVE_BATCH_TIMEOUT_SECONDS):
-                published = await self._transact(list(unique.values()), decided)
-        except Exception:
-            self.counters.failed_batches += 1
-            log.warning(
-                "reserve batch of %d failed; each goes one by one", len(batch), exc_info=True
-            )
-            decided.clear()
-        if published:
-            await self.publish(published)
-        for request in batch:
-            if not request.future.done():
-                outcome = decided.get(request.arrival)
-                if outcome is None:
-                    self.counters.handed_back += 1
-                request.future.set_result(outcome)
-
-    async def _transact(
-        self, requests: list[_Request], decided: dict[int, ReserveOutcome]
+    async def decide(
+        self, conn: Any, batch: list[_Request], decided: dict[int, ReserveOutcome]
     ) -> list[Published]:
-        async with self.engine.connect() as sa_conn:
-            raw = await sa_conn.get_raw_connection()
-            conn = raw.driver_connection
-            assert conn is not None
-            async with conn.transaction():
-                return await self._decide_and_write(conn, requests, decided)
+        # The same key twice in one batch: the first decides, the others replay it after.
+        unique: dict[tuple[str, str], _Request] = {}
+        for waiting in batch:
+            call = waiting.request
+            unique.setdefault((call.cmd.account_id, call.cmd.idempotency_key), waiting)
+        return await self._decide_and_write(conn, list(unique.values()), decided)
 
     async def _decide_and_write(
         self, conn: Any, requests: list[_Request], decided: dict[int, ReserveOutcome]
     ) -> list[Published]:
         # One lock order for keys across batches and replicas: sorted.
-        requests.sort(key=lambda r: (r.cmd.account_id, r.cmd.idempotency_key))
-        wallet_keys = sorted({(r.cmd.account_id, r.cmd.credit_type) for r in requests})
+        requests.sort(key=lambda r: (r.request.cmd.account_id, r.request.cmd.idempotency_key))
+        wallet_keys = sorted(
+            {(r.request.cmd.account_id, r.request.cmd.credit_type) for r in requests}
+        )
         accounts_col = [a for a, _ in wallet_keys]
         types_col = [c for _, c in wallet_keys]
         claimed: set[tuple[str, str]] = set()
         locked: dict[tuple[str, str], tuple[int, int]] = {}
         for row in await conn.fetch(
             _CLAIM_AND_LOCK_SQL,
-            [r.cmd.account_id for r in requests],
-            [r.cmd.idempotency_key for r in requests],
-            [r.request_json for r in requests],
+            [r.request.cmd.account_id for r in requests],
+            [r.request.cmd.idempotency_key for r in requests],
+            [r.request.request_json for r in requests],
             self.clock.now_us(),
             accounts_col,
             types_col,
@@ -321,7 +216,11 @@ class ReserveBatcher:
                 claimed.add((row[1], row[2]))
             else:
                 locked[(row[1], row[2])] = (row[3], row[4])
-        mine = [r for r in requests if (r.cmd.account_id, r.cmd.idempotency_key) in claimed]
+        mine = [
+            r
+            for r in requests
+            if (r.request.cmd.account_id, r.request.cmd.idempotency_key) in claimed
+        ]
         if not mine:
             return []
         # The decision instant: after the locks, as on the one-call path.
@@ -334,7 +233,7 @@ class ReserveBatcher:
         writes = _Writes()
         wallet_rows: list[tuple[str, str, int, int]] = []
         for request in sorted(mine, key=lambda r: r.arrival):
-            cmd = request.cmd
+            cmd = request.request.cmd
             if request.future.done():  # the caller's deadline passed: leave no trace
                 writes.unclaimed.append((cmd.account_id, cmd.idempotency_key))
                 continue
@@ -392,7 +291,7 @@ def _decide(
     now_us: int,
     writes: _Writes,
 ) -> ReserveOutcome:
-    cmd, caller = request.cmd, request.caller
+    cmd, caller = request.request.cmd, request.request.caller
     if status is AccountStatus.LOCKED:
         return AccountLocked(cmd.account_id)
     assert wallet is not None, "every claimed request's wallet was read"
@@ -423,7 +322,7 @@ def _decide(
         amount=cmd.amount,
         status=ReservationStatus.PENDING,
         created_at_us=now_us,
-        expires_at_us=now_us + request.ttl_seconds * limits.MICROSECONDS_PER_SECOND,
+        expires_at_us=now_us + request.request.ttl_seconds * limits.MICROSECONDS_PER_SECOND,
         resolved_at_us=None,
         amount_committed=0,
         amount_released=0,
@@ -487,10 +386,6 @@ def _snapshot(wallet: _Wallet, now_us: int) -> WalletSnapshot:
     )
 
 
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
-
-
 async def _write(
     conn: Any,
     now_us: int,
@@ -514,10 +409,10 @@ async def _write(
         j_principal,
         j_effects,
         j_amount,
-    ) = _columns(writes.reservations, 15)
+    ) = columns(writes.reservations, 15)
     counts = await conn.fetchrow(
         _WRITE_SQL,
-        *_columns(grant_rows, 4),
+        *columns(grant_rows, 4),
         now_us,
         r_account,
         r_id,
@@ -529,14 +424,14 @@ async def _write(
         r_meta,
         r_key,
         r_seq,
-        *_columns(writes.slices, 4),
+        *columns(writes.slices, 4),
         j_available,
         j_reserved,
         j_principal,
         j_effects,
-        *_columns(wallet_rows, 4),
-        *_columns(writes.outcomes, 3),
-        *_columns(writes.unclaimed, 2),
+        *columns(wallet_rows, 4),
+        *columns(writes.outcomes, 3),
+        *columns(writes.unclaimed, 2),
         j_amount,
     )
     expected = (

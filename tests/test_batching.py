@@ -1,4 +1,5 @@
-"""Reserve batching on Postgres: many calls per transaction decide exactly as one call at a time.
+"""Group commit on Postgres: Reserve, Commit and Release calls that share a transaction decide
+exactly as one call at a time would.
 
 Every test checks the batcher really batched (or really handed back), so a silent fallback to
 the one-call path cannot pass for the batch path.
@@ -12,22 +13,33 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
+from conftest import assert_no_failed_batches
 from sqlalchemy.engine import make_url
 
 from store.audit import audit
 from store.clock import ManualClock
 from store.database import create_engine
-from store.errors import AccountLocked, IdempotencyKeyReused, InsufficientCredits
+from store.errors import (
+    AccountLocked,
+    IdempotencyKeyReused,
+    InsufficientCredits,
+    InvalidRequest,
+    ReservationStateConflict,
+)
 from store.ledger import Ledger, LedgerSettings
 from store.model import (
     AccountStatus,
     AddCreditsCommand,
     Caller,
+    CommitCommand,
     GrantSource,
+    ReleaseCommand,
     ReservationResult,
+    ReservationStatus,
     ReserveCommand,
 )
 from store.reserve_batch import ReserveBatcher
+from store.resolve_batch import ResolveBatcher
 
 Accounts = Callable[[str], str]
 CALLER = Caller(principal="svc:test", action="test.batch", request_id="req-b")
@@ -36,7 +48,7 @@ pytestmark = [pytest.mark.postgres]
 
 @pytest.fixture
 async def pg_ledger(
-    postgres_url: str, clock: ManualClock, accounts: Accounts
+    postgres_url: str, clock: ManualClock, accounts: Accounts, request: pytest.FixtureRequest
 ) -> AsyncIterator[Ledger]:
     engine = create_engine(postgres_url)
     try:
@@ -45,6 +57,7 @@ async def pg_ledger(
         await ledger.close()
         report = await audit(engine, accounts.prefix)  # type: ignore[attr-defined]
         assert report.clean, "\n".join(map(str, report.mismatches))
+        assert_no_failed_batches(ledger, request)
     finally:
         await engine.dispose()
 
@@ -52,6 +65,11 @@ async def pg_ledger(
 def batcher(ledger: Ledger) -> ReserveBatcher:
     assert ledger.reserve_batcher is not None, "Postgres ledgers batch reserves"
     return ledger.reserve_batcher
+
+
+def resolver(ledger: Ledger) -> ResolveBatcher:
+    assert ledger.resolve_batcher is not None, "Postgres ledgers batch commits and releases"
+    return ledger.resolve_batcher
 
 
 async def fund(ledger: Ledger, account: str, amount: int, key: str = "fund", **kw: object) -> None:
@@ -182,6 +200,7 @@ async def test_a_caller_that_gave_up_before_its_turn_leaves_nothing_and_its_key_
     assert result.reservation.amount == 5
 
 
+@pytest.mark.batch_failures_expected
 async def test_a_failed_batch_hands_every_call_to_the_one_call_path(
     pg_ledger: Ledger, postgres_url: str, accounts: Accounts
 ) -> None:
@@ -248,3 +267,123 @@ async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_account
         assert (await waiting).reservation.amount == 1
     finally:
         await blocker.close()
+
+
+async def test_concurrent_commits_and_releases_on_a_hot_wallet_settle_each_hold_once(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    account = accounts("hot-commit")
+    await fund(pg_ledger, account, 30, "promo", priority=1)
+    await fund(pg_ledger, account, 1000, "paid", priority=5)
+    held = await asyncio.gather(
+        *(
+            pg_ledger.reserve(ReserveCommand(account, "default", 10, f"r{i}"), CALLER)
+            for i in range(60)
+        )
+    )
+    ids = [r.reservation.reservation_id for r in held]
+    settled = await asyncio.gather(
+        *(
+            pg_ledger.commit(CommitCommand(account, rid, 7), CALLER)
+            if i % 2 == 0
+            else pg_ledger.release(ReleaseCommand(account, rid), CALLER)
+            for i, rid in enumerate(ids)
+        )
+    )
+    counters = resolver(pg_ledger).counters
+    assert counters.largest_batch > 1 and counters.failed_batches == 0
+    assert counters.handed_back == 0
+    assert [r.reservation.status for r in settled] == [
+        ReservationStatus.COMMITTED if i % 2 == 0 else ReservationStatus.RELEASED for i in range(60)
+    ]
+    # 30 commits of 7 consumed 210; everything else came back.
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (1030 - 210, 0)
+    sequences = sorted(r.entry.sequence for r in settled)
+    assert sequences == list(range(63, 123))  # 2 grants + 60 reserves, then one entry each
+    # Repeats go the one-call path and return the stored result, entry and all.
+    again = await asyncio.gather(
+        *(
+            pg_ledger.commit(CommitCommand(account, rid, 7), CALLER)
+            if i % 2 == 0
+            else pg_ledger.release(ReleaseCommand(account, rid), CALLER)
+            for i, rid in enumerate(ids)
+        )
+    )
+    assert again == settled
+    assert resolver(pg_ledger).counters.handed_back == 60
+
+
+async def test_what_a_batch_does_not_settle_gets_the_one_call_answer(
+    pg_ledger: Ledger, clock: ManualClock, accounts: Accounts
+) -> None:
+    account = accounts("odd")
+    await fund(pg_ledger, account, 100)
+    held = []
+    for key in ("big", "short", "twice"):
+        command = ReserveCommand(account, "default", 10, key, ttl_seconds=60)
+        held.append((await pg_ledger.reserve(command, CALLER)).reservation.reservation_id)
+    big, short, twice = held
+    expiring = (
+        await pg_ledger.reserve(ReserveCommand(account, "default", 5, "exp", ttl_seconds=1), CALLER)
+    ).reservation.reservation_id
+    clock.advance_seconds(2)
+    results = await asyncio.gather(
+        pg_ledger.commit(CommitCommand(account, big, 11), CALLER),  # above the hold
+        pg_ledger.commit(CommitCommand(account, short, 4), CALLER),
+        pg_ledger.commit(CommitCommand(account, twice, 3), CALLER),
+        pg_ledger.commit(CommitCommand(account, twice, 3), CALLER),  # the same, at once
+        pg_ledger.commit(CommitCommand(account, expiring), CALLER),  # past its TTL
+        pg_ledger.commit(CommitCommand(account, "rsv_missing"), CALLER),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], InvalidRequest)
+    assert (
+        not isinstance(results[1], BaseException) and results[1].reservation.amount_committed == 4
+    )
+    assert results[2] == results[3]
+    assert isinstance(results[4], ReservationStateConflict)
+    assert results[4].reason == "RESERVATION_EXPIRED"
+    assert type(results[5]).__name__ == "ReservationNotFound"
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    # 100 - 4 - 3 charged; the big hold is still pending; the expired one came back.
+    assert (balance.available, balance.reserved) == (83, 10)
+
+
+async def test_credits_returned_to_a_grant_past_its_expiry_expire_instead(
+    pg_ledger: Ledger, clock: ManualClock, accounts: Accounts
+) -> None:
+    account = accounts("promo-expiry")
+    now = clock.now_us()
+    await fund(pg_ledger, account, 10, "promo", priority=1, expires_at_us=now + 10_000_000)
+    await fund(pg_ledger, account, 50, "paid", priority=5)
+    held = await pg_ledger.reserve(
+        ReserveCommand(account, "default", 20, "r", ttl_seconds=60), CALLER
+    )
+    clock.advance_seconds(11)  # the promo grant expires while its credits are held
+    result = await pg_ledger.commit(
+        CommitCommand(account, held.reservation.reservation_id, 12), CALLER
+    )
+    assert (
+        resolver(pg_ledger).counters.requests >= 1 and resolver(pg_ledger).counters.handed_back == 0
+    )
+    # Burn-down consumes the promo slice first (10), then 2 of the paid one; the 8 unused paid
+    # credits come back to the paid grant: 50 - 2 = 48 available.
+    effects = {e.grant_id: e for e in result.entry.grant_effects}
+    assert sorted(e.consumed_delta for e in effects.values()) == [2, 10]
+    assert sum(e.expired_delta for e in effects.values()) == 0
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (48, 0)
+    assert result.entry.available_after == 48
+    # A release after expiry sends the held promo credits to `expired`, the rest back.
+    later = clock.now_us()
+    await fund(pg_ledger, account, 10, "promo2", priority=1, expires_at_us=later + 10_000_000)
+    command = ReserveCommand(account, "default", 15, "r2", ttl_seconds=60)
+    held = await pg_ledger.reserve(command, CALLER)
+    clock.advance_seconds(11)
+    released = await pg_ledger.release(
+        ReleaseCommand(account, held.reservation.reservation_id), CALLER
+    )
+    assert sum(e.expired_delta for e in released.entry.grant_effects) == 10
+    assert released.entry.available_after == 48
+    assert resolver(pg_ledger).counters.handed_back == 0

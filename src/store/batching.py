@@ -1,0 +1,166 @@
+"""Group commit: concurrent calls of one kind share a Postgres transaction.
+
+A batcher queues calls; each batch is one transaction (its subclass decides what it does) and
+one fsync for all of its calls. There is no timer: a batch takes whatever queued while the
+previous one ran, so an idle server answers a lone call at once and a busy one puts more calls
+in each commit (one batch at a time makes the biggest batches, and CPU per call falls as they
+grow). A second batch starts only beside one that has run for BATCH_STALL_SECONDS (waiting on a
+wallet another transaction holds, say), so one slow wallet never holds up everyone else.
+
+Whatever a batch does not decide (its subclass leaves the call out of `decided`), and every
+call of a batch whose transaction failed, goes back to its caller as None: the one-call path in
+ledger.py then settles it, and that path's idempotency (keys, resolution sequences) makes a
+batch that died before, during or after COMMIT safe to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from store import limits
+from store.cache import WalletSnapshot
+from store.clock import Clock
+
+log = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT")
+OutcomeT = TypeVar("OutcomeT")
+# A published snapshot: (account_id, credit_type, snapshot).
+Published = tuple[str, str, WalletSnapshot]
+
+
+@dataclass
+class Waiting(Generic[RequestT, OutcomeT]):
+    request: RequestT
+    arrival: int
+    future: asyncio.Future[OutcomeT | None]
+
+
+@dataclass
+class BatchCounters:
+    batches: int = 0
+    requests: int = 0
+    largest_batch: int = 0
+    # Batches whose transaction failed; their requests went the one-call path.
+    failed_batches: int = 0
+    # Requests sent to the one-call path: what a batch does not decide, and failed batches.
+    handed_back: int = 0
+
+
+class Batcher(ABC, Generic[RequestT, OutcomeT]):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Clock,
+        publish: Callable[[Sequence[Published]], Awaitable[None]],
+        *,
+        batch_max: int = limits.BATCH_MAX,
+        batches_in_flight_max: int = limits.BATCHES_IN_FLIGHT_MAX,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.publish = publish
+        self.batch_max = batch_max
+        self.batches_in_flight_max = batches_in_flight_max
+        self.counters = BatchCounters()
+        self._queue: list[Waiting[RequestT, OutcomeT]] = []
+        self._arrivals = 0
+        # Running batches and when each started.
+        self._tasks: dict[asyncio.Task[None], float] = {}
+        self._recheck: asyncio.TimerHandle | None = None
+
+    async def submit(self, request: RequestT) -> OutcomeT | None:
+        """The outcome decided in a batch, or None: take the one-call path."""
+        future: asyncio.Future[OutcomeT | None] = asyncio.get_running_loop().create_future()
+        self._arrivals += 1
+        self._queue.append(Waiting(request, self._arrivals, future))
+        self._start_batches()
+        return await future
+
+    async def close(self) -> None:
+        """Waits for the batches in flight (their callers are waiting for them)."""
+        while self._tasks or self._queue:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if not self._tasks and self._queue:
+                self._start_batches()
+
+    @abstractmethod
+    async def decide(
+        self, conn: Any, batch: list[Waiting[RequestT, OutcomeT]], decided: dict[int, OutcomeT]
+    ) -> list[Published]:
+        """Runs inside the batch's transaction on a raw asyncpg connection: puts each call it
+        settles into `decided` (by arrival) and returns the wallet snapshots to publish after
+        COMMIT. A call whose future is already done has given up: leave no trace of it."""
+
+    def _start_batches(self) -> None:
+        self._recheck = None
+        loop = asyncio.get_running_loop()
+        while self._queue and len(self._tasks) < self.batches_in_flight_max:
+            now = loop.time()
+            youngest_age = min((now - t for t in self._tasks.values()), default=None)
+            if youngest_age is not None and youngest_age < limits.BATCH_STALL_SECONDS:
+                if self._recheck is None:
+                    self._recheck = loop.call_later(
+                        limits.BATCH_STALL_SECONDS - youngest_age, self._start_batches
+                    )
+                return
+            batch = self._queue[: self.batch_max]
+            del self._queue[: self.batch_max]
+            task = asyncio.create_task(self._run(batch))
+            self._tasks[task] = now
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        if self._recheck is not None:
+            self._recheck.cancel()
+        self._start_batches()
+
+    async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
+        self.counters.batches += 1
+        self.counters.requests += len(batch)
+        self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
+        decided: dict[int, OutcomeT] = {}
+        published: list[Published] = []
+        try:
+            async with asyncio.timeout(limits.BATCH_TIMEOUT_SECONDS):
+                published = await self._transact(batch, decided)
+        except Exception:
+            self.counters.failed_batches += 1
+            log.warning(
+                "%s of %d failed; each goes one by one",
+                type(self).__name__,
+                len(batch),
+                exc_info=True,
+            )
+            decided.clear()
+        if published:
+            await self.publish(published)
+        for waiting in batch:
+            if not waiting.future.done():
+                outcome = decided.get(waiting.arrival)
+                if outcome is None:
+                    self.counters.handed_back += 1
+                waiting.future.set_result(outcome)
+
+    async def _transact(
+        self, batch: list[Waiting[RequestT, OutcomeT]], decided: dict[int, OutcomeT]
+    ) -> list[Published]:
+        async with self.engine.connect() as sa_conn:
+            raw = await sa_conn.get_raw_connection()
+            conn = raw.driver_connection
+            assert conn is not None
+            async with conn.transaction():
+                return await self.decide(conn, batch, decided)
+
+
+def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as columns, for statements that unnest one array per column."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
