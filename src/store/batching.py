@@ -141,6 +141,10 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
                 exc_info=True,
             )
             decided.clear()
+        # The transaction is over: the next batch may start while this one publishes.
+        current = asyncio.current_task()
+        if current is not None and self._tasks.pop(current, None) is not None:
+            self._start_batches()
         if published:
             await self.publish(published)
         for waiting in batch:
