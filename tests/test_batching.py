@@ -26,6 +26,7 @@ from store.errors import (
     InvalidRequest,
     ReservationStateConflict,
 )
+from store.history import read_history
 from store.ledger import Ledger, LedgerSettings
 from store.model import (
     AccountStatus,
@@ -33,6 +34,7 @@ from store.model import (
     Caller,
     CommitCommand,
     GrantSource,
+    HistoryQuery,
     ReleaseCommand,
     ReservationResult,
     ReservationStatus,
@@ -387,3 +389,55 @@ async def test_credits_returned_to_a_grant_past_its_expiry_expire_instead(
     assert sum(e.expired_delta for e in released.entry.grant_effects) == 10
     assert released.entry.available_after == 48
     assert resolver(pg_ledger).counters.handed_back == 0
+
+
+async def test_the_journal_stores_exactly_the_entries_the_batches_returned(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    """Every column of every stored entry equals the entry the call got back (a batch that put
+    a value in the wrong column would pass every balance check)."""
+    account = accounts("columns")
+    await fund(pg_ledger, account, 1000)
+    returned = []
+    held = await asyncio.gather(
+        *(
+            pg_ledger.reserve(
+                ReserveCommand(
+                    account, "default", 3, f"k{i}", ttl_seconds=60 + i, metadata={"n": str(i)}
+                ),
+                Caller(principal=f"svc:{i % 3}", action=f"act.{i}", request_id=f"req-{i}"),
+            )
+            for i in range(20)
+        )
+    )
+    returned += [r.entry for r in held]
+    settled = await asyncio.gather(
+        *(
+            pg_ledger.commit(
+                CommitCommand(account, r.reservation.reservation_id, 2),
+                Caller(principal="svc:commit", request_id=f"c-{i}"),
+            )
+            if i % 2
+            else pg_ledger.release(ReleaseCommand(account, r.reservation.reservation_id), Caller())
+            for i, r in enumerate(held)
+        )
+    )
+    returned += [r.entry for r in settled]
+    assert batcher(pg_ledger).counters.largest_batch > 1
+    assert resolver(pg_ledger).counters.largest_batch > 1
+    stored = {}
+    token = ""
+    while True:
+        page = await read_history(
+            pg_ledger.transactor, HistoryQuery(account, page_size=100, page_token=token)
+        )
+        stored.update({e.sequence: e for e in page.entries})
+        token = page.next_page_token
+        if not token:
+            break
+    for entry in returned:
+        assert stored[entry.sequence] == entry
+    # The reservations too, as a later read finds them.
+    for result in settled:
+        found = await pg_ledger.get_reservation(account, result.reservation.reservation_id)
+        assert found == result.reservation

@@ -420,20 +420,21 @@ async def test_the_gate_refuses_a_reserve_once_the_account_has_spent_its_burst()
 @pytest.mark.parametrize("with_redis", [False, True], ids=["in-process", "redis"])
 async def test_the_server_refuses_spending_past_the_account_rate_with_retry_info(
     start_server: Any,
-    sqlite_url: str,
+    database_url: str,
     accounts: Callable[[str], str],
     with_redis: bool,
     request: pytest.FixtureRequest,
 ) -> None:
     """Reserve draws on the account's bucket; reads do not. A refused Reserve changes nothing and
-    tells the client how long to wait."""
+    tells the client how long to wait. On Postgres the ledger checks a whole group-commit batch
+    at once; on SQLite each call is checked before it reaches the ledger."""
     overrides: dict[str, object] = {}
     namespace = new_redis_namespace()
     redis_url = str(request.getfixturevalue("redis_url")) if with_redis else ""
     if with_redis:
         overrides = {"redis_url": redis_url, "redis_namespace": namespace}
     server = await start_server(
-        sqlite_url,
+        database_url,
         rate_limits=RateLimitConfig(
             account_reserves_per_second=RATE_NO_REFILL, account_reserves_burst=2
         ),
@@ -466,6 +467,48 @@ async def test_the_server_refuses_spending_past_the_account_rate_with_retry_info
         assert (balance.available, balance.reserved) == (8, 2)
         history = await server.stub.History(pb.HistoryRequest(account_id=account))
         assert len(history.entries) == 3  # the grant and two reserves: the refused one left none
+        # Nothing was stored under the refused key: once allowed, the same request goes ahead.
+        batcher = server.app.ledger.reserve_batcher
+        assert (batcher is not None) == database_url.startswith("postgresql")
     finally:
         if with_redis:
             await delete_redis_namespace(redis_url, namespace)
+
+
+@pytest.mark.postgres
+async def test_a_batch_of_concurrent_reserves_admits_exactly_the_burst(
+    start_server: Any, postgres_url: str, accounts: Callable[[str], str]
+) -> None:
+    """Twenty Reserves at once on one account whose bucket holds five: the batch's rate checks
+    go to the limiter together and exactly five get through."""
+    server = await start_server(
+        postgres_url,
+        rate_limits=RateLimitConfig(
+            account_reserves_per_second=RATE_NO_REFILL, account_reserves_burst=5
+        ),
+    )
+    account = accounts("burst")
+    await server.stub.AddCredits(
+        pb.AddCreditsRequest(
+            account_id=account, amount=100, idempotency_key="fund", source=pb.GRANT_SOURCE_PURCHASE
+        )
+    )
+
+    async def reserve(i: int) -> str:
+        try:
+            await server.stub.Reserve(
+                pb.ReserveRequest(account_id=account, amount=1, idempotency_key=f"r{i}")
+            )
+            return "OK"
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+
+    outcomes = await asyncio.gather(*(reserve(i) for i in range(20)))
+    assert sorted(outcomes).count("OK") == 5
+    assert outcomes.count("RESOURCE_EXHAUSTED") == 15
+    balance = await server.stub.CheckCredits(
+        pb.CheckCreditsRequest(account_id=account, consistent=True)
+    )
+    assert (balance.available, balance.reserved) == (95, 5)
+    batcher = server.app.ledger.reserve_batcher
+    assert batcher is not None and batcher.counters.largest_batch > 1

@@ -79,6 +79,7 @@ class CreditsApp:
                 hold_ttl_seconds_max=config.hold_ttl_seconds_max,
             ),
             cache=self.cache,
+            admission=self.rate_gate.admit,
         )
         self.callers = CallerStore(self.ledger.transactor, self.ledger.clock)
         self.authenticator = Authenticator(self.callers, config.auth_cache_ttl_seconds)
@@ -107,7 +108,17 @@ class CreditsApp:
         if self.config.migrate_on_start:
             await migrate(self.engine)
         await ensure_dev_token(self.callers, self.config.database_url, self.config.dev_token)
-        service = CreditsService(self.ledger, CallPolicy(self.authenticator, self.rate_gate))
+        batched = frozenset(
+            method
+            for method, batcher in (
+                ("Reserve", self.ledger.reserve_batcher),
+                ("Commit", self.ledger.resolve_batcher),
+                ("Release", self.ledger.resolve_batcher),
+            )
+            if batcher is not None
+        )
+        policy = CallPolicy(self.authenticator, self.rate_gate, limited_by_ledger=batched)
+        service = CreditsService(self.ledger, policy)
         self.server.add_generic_rpc_handlers((generic_handler(service),))
         # Health needs no credential: load balancers and orchestrators probe it.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -21,7 +21,7 @@ from google.rpc import code_pb2
 from server import metrics
 from server.auth import Authenticator, AuthFailure
 from server.logs import REQUEST_ID
-from server.ratelimit import RateLimitGate
+from server.ratelimit import RateLimitedCall, RateLimitGate
 from server.status import bad_request, from_ledger_error, rich_status
 from store import limits
 from store.callers import CallerRecord
@@ -71,6 +71,8 @@ class CallPolicy:
 
     authenticator: Authenticator
     rate_gate: RateLimitGate | None = None
+    # Methods whose rate checks the ledger makes itself, once per group-commit batch.
+    limited_by_ledger: frozenset[str] = frozenset()
 
 
 # Reads answer without the x-request-id trailer when they succeed: nothing of theirs is journaled,
@@ -107,7 +109,7 @@ async def run_rpc(
     caller: CallerRecord | None = None
     try:
         caller = await policy.authenticator.authorize(method, request, context, metadata)
-        if policy.rate_gate is not None:
+        if policy.rate_gate is not None and method not in policy.limited_by_ledger:
             # Refused calls take nothing: a client retrying after RetryInfo's delay gets in.
             status = await policy.rate_gate.check(
                 caller=caller.name, method=method, request=request
@@ -128,6 +130,8 @@ async def run_rpc(
             return response
     except AuthFailure as failure:
         status = failure.status
+    except RateLimitedCall as refused:
+        status = refused.status
     except LedgerError as error:
         status = from_ledger_error(error)
     except TimeoutError:

@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 
 from server.status import ERROR_DOMAIN, rich_status
 from store import limits
+from store.batching import AdmissionCall
 from store.cache import (
     FAILURE_LOG_INTERVAL_SECONDS,
     REDIS_BACKOFF_MS,
@@ -49,6 +50,7 @@ from store.cache import (
     ScriptCall,
     run_script_pipelined,
 )
+from store.errors import LedgerError
 
 log = logging.getLogger(__name__)
 
@@ -553,8 +555,24 @@ class RateLimitGate:
         retry = await self.limiter.acquire(keys)
         return None if retry is None else rate_limited_status(retry)
 
+    async def admit(self, calls: Sequence[AdmissionCall]) -> list[LedgerError | None]:
+        """check() for many calls at once (a group-commit batch): their checks go to Redis
+        together, in one round trip. A refused call gets a RateLimitedCall to raise."""
+        statuses = await asyncio.gather(
+            *(self.check(caller=c.principal, method=c.method, request=c) for c in calls)
+        )
+        return [None if status is None else RateLimitedCall(status) for status in statuses]
+
     async def close(self) -> None:
         await self.limiter.close()
+
+
+class RateLimitedCall(LedgerError):
+    """A call refused by a rate check the ledger made in its batch; carries the status."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
 
 
 def _describe(key: RateKey) -> str:

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from store import limits
 from store.cache import WalletSnapshot
 from store.clock import Clock
+from store.errors import LedgerError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,21 @@ RequestT = TypeVar("RequestT")
 OutcomeT = TypeVar("OutcomeT")
 # A published snapshot: (account_id, credit_type, snapshot).
 Published = tuple[str, str, WalletSnapshot]
+
+
+@dataclass(frozen=True)
+class AdmissionCall:
+    """What a rate check needs to know of a call (the fields of its request it reads)."""
+
+    principal: str
+    method: str
+    account_id: str
+    amount: int
+
+
+# Decides, for a batch's calls at once, which may go ahead (None) and which are refused (the
+# error their callers get). The server's rate limits: checked per batch, one Redis round trip.
+Admission = Callable[[Sequence[AdmissionCall]], Awaitable[Sequence[LedgerError | None]]]
 
 
 @dataclass
@@ -61,10 +77,12 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         clock: Clock,
         publish: Callable[[Sequence[Published]], Awaitable[None]],
         *,
+        admission: Admission | None = None,
         batch_max: int = limits.BATCH_MAX,
         batches_in_flight_max: int = limits.BATCHES_IN_FLIGHT_MAX,
     ) -> None:
         self.engine = engine
+        self.admission = admission
         self.clock = clock
         self.publish = publish
         self.batch_max = batch_max
@@ -90,6 +108,10 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if not self._tasks and self._queue:
                 self._start_batches()
+
+    @abstractmethod
+    def admission_call(self, request: RequestT) -> AdmissionCall:
+        """The call as a rate check sees it."""
 
     @abstractmethod
     async def decide(
@@ -123,7 +145,30 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             self._recheck.cancel()
         self._start_batches()
 
+    async def _admit(
+        self, batch: list[Waiting[RequestT, OutcomeT]]
+    ) -> list[Waiting[RequestT, OutcomeT]]:
+        """The calls the admission lets through; the others are answered with its error."""
+        if self.admission is None:
+            return batch
+        try:
+            verdicts = await self.admission([self.admission_call(w.request) for w in batch])
+        except Exception:  # the limiter falls back on its own; this is a bug: do not block
+            log.exception("admission of a %s batch failed; letting it through", type(self).__name__)
+            return batch
+        admitted = []
+        for waiting, refusal in zip(batch, verdicts, strict=True):
+            if refusal is None:
+                admitted.append(waiting)
+            elif not waiting.future.done():
+                waiting.future.set_exception(refusal)
+        return admitted
+
     async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
+        batch = await self._admit(batch)
+        if not batch:
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            return
         self.counters.batches += 1
         self.counters.requests += len(batch)
         self.counters.largest_batch = max(self.counters.largest_batch, len(batch))

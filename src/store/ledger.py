@@ -20,7 +20,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
-from store.batching import Published
+from store.batching import Admission, Published
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, consume
 from store.cache import AccountSnapshot, BalanceCache, WalletSnapshot
 from store.clock import Clock, SystemClock
@@ -125,6 +125,7 @@ class Ledger:
         clock: Clock | None = None,
         settings: LedgerSettings | None = None,
         cache: BalanceCache | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.engine = engine
         self.cache = cache
@@ -132,11 +133,17 @@ class Ledger:
         self.settings = settings or LedgerSettings()
         self.transactor = Transactor(engine)
         batching = self.settings.batch_writes and engine.dialect.name == "postgresql"
+        # `admission` (the server's rate limits) runs once per batch; the one-call path never
+        # sees it, so callers without batching check their limits before calling the ledger.
         self.reserve_batcher = (
-            ReserveBatcher(engine, self.clock, self._publish_all) if batching else None
+            ReserveBatcher(engine, self.clock, self._publish_all, admission=admission)
+            if batching
+            else None
         )
         self.resolve_batcher = (
-            ResolveBatcher(engine, self.clock, self._publish_all) if batching else None
+            ResolveBatcher(engine, self.clock, self._publish_all, admission=admission)
+            if batching
+            else None
         )
 
     async def close(self) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from store import codec, limits
-from store.batching import Batcher, Published, Waiting, columns
+from store.batching import AdmissionCall, Batcher, Published, Waiting, columns
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
 from store.errors import AccountLocked, BusinessFailure, InsufficientCredits
@@ -109,7 +109,7 @@ j AS (
         grant_effects_json)
     SELECT a, c, seq, 'reserve', amt, avail, resv, '', rid, k, p, act, req, $5, fx
     FROM unnest($6::text[], $8::text[], $15::bigint[], $33::bigint[], $20::bigint[],
-                $21::bigint[], $7::text[], $14::text[], $22::text[], $12::text[], $13::text[],
+                $21::bigint[], $7::text[], $14::text[], $22::text[], $11::text[], $12::text[],
                 $23::text[])
          AS t(a, c, seq, amt, avail, resv, rid, k, p, act, req, fx)
     RETURNING 1
@@ -180,6 +180,10 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
     ) -> ReserveOutcome | None:
         """The outcome decided in a batch, or None: take the one-call path."""
         return await self.submit(ReserveCall(cmd, caller, request_json, ttl_seconds))
+
+    def admission_call(self, request: ReserveCall) -> AdmissionCall:
+        cmd = request.cmd
+        return AdmissionCall(request.caller.principal, "Reserve", cmd.account_id, cmd.amount)
 
     async def decide(
         self, conn: Any, batch: list[_Request], decided: dict[int, ReserveOutcome]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from store import codec
-from store.batching import Batcher, Published, Waiting, columns
+from store.batching import AdmissionCall, Batcher, Published, Waiting, columns
 from store.burndown import Lot, consume, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
 from store.model import (
@@ -158,6 +158,11 @@ class ResolveBatcher(Batcher[ResolveCall, ReservationResult]):
         return await self.submit(
             ResolveCall(account_id, reservation_id, resolution, amount, caller)
         )
+
+    def admission_call(self, request: ResolveCall) -> AdmissionCall:
+        method = "Commit" if request.resolution == "commit" else "Release"
+        amount = 0 if request.amount is None else request.amount
+        return AdmissionCall(request.caller.principal, method, request.account_id, amount)
 
     async def decide(
         self, conn: Any, batch: list[_Call], decided: dict[int, ReservationResult]
