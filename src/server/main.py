@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -23,6 +24,11 @@ log = logging.getLogger("credits.server")
 async def serve(config: ServerConfig) -> None:
     app = CreditsApp(config)
     await app.start()
+    # Everything loaded so far (modules, descriptors, the app) lives as long as the process:
+    # out of the collector's sight, a full collection no longer scans it, which kept showing
+    # as tens of milliseconds of pause in the p99 of fast reads.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
