@@ -11,6 +11,8 @@ import concurrent.futures
 import os
 import pathlib
 import secrets
+import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis_asyncio
 from pg_cluster import throwaway_cluster
-from processes import TEST_CALLER, TEST_TOKEN, open_channel
+from processes import TEST_CALLER, TEST_TOKEN, free_port, open_channel
 from redis import exceptions as redis_exceptions
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -291,6 +293,25 @@ async def start_server(
         await asyncio.wait_for(server.app.stop(grace_seconds=0), 30)
         assert_no_failed_batches(server.app.ledger, request)
         await assert_audit_clean(server.app.config.database_url, accounts.prefix)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A Redis server of this test's own, so the test can kill it: (process, url)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("CREDITS_REQUIRE_SERVICES=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    yield process, f"redis://127.0.0.1:{port}/0"
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

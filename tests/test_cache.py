@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import signal
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import REQUIRE_SERVICES, delete_redis_namespace, new_redis_namespace
-from processes import free_port
+from conftest import delete_redis_namespace, new_redis_namespace
 
 from credits.v1 import credits_pb2 as pb
 from store import limits
@@ -208,25 +205,6 @@ async def test_locking_an_account_reaches_the_cache(
     assert (await cached_ledger.check(unknown, "default")).account_status is AccountStatus.ACTIVE
     await cached_ledger.set_account_status(unknown, AccountStatus.LOCKED)
     assert (await cached_ledger.check(unknown, "default")).account_status is AccountStatus.LOCKED
-
-
-@pytest.fixture
-def private_redis() -> Any:
-    """A Redis server of this test's own, so the test can kill it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("CREDITS_REQUIRE_SERVICES=1 but redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    yield process, f"redis://127.0.0.1:{port}/0"
-    if process.poll() is None:
-        process.kill()
-    process.wait(10)
 
 
 @pytest.mark.slow

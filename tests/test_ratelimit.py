@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as redis_asyncio
-from conftest import REQUIRE_SERVICES, delete_redis_namespace, new_redis_namespace
+from conftest import delete_redis_namespace, new_redis_namespace
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from processes import free_port
 from rich_errors import error_reason, rich_status
@@ -261,25 +260,6 @@ async def test_a_hanging_redis_costs_at_most_the_timeout() -> None:
         server.close()
     assert limiter.counters.local_fallbacks == 1
     assert 100 <= elapsed_ms < 500
-
-
-@pytest.fixture
-def private_redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A Redis server of this test's own, so the test can kill it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("CREDITS_REQUIRE_SERVICES=1 but redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    yield process, f"redis://127.0.0.1:{port}/0"
-    if process.poll() is None:
-        process.kill()
-    process.wait(10)
 
 
 @pytest.mark.redis

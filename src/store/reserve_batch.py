@@ -397,46 +397,20 @@ async def _write(
     wallet_rows: Sequence[tuple[str, str, int, int]],
 ) -> None:
     grant_rows = [(a, g, d[0], d[1]) for (a, g), d in writes.grant_deltas.items()]
-    (
-        r_account,
-        r_id,
-        r_type,
-        r_amount,
-        r_expires,
-        r_action,
-        r_request,
-        r_meta,
-        r_key,
-        r_seq,
-        j_available,
-        j_reserved,
-        j_principal,
-        j_effects,
-        j_amount,
-    ) = columns(writes.reservations, 15)
+    # Per reservation: its 10 row columns ($6-$15), then its entry's available, reserved,
+    # principal and effects ($20-$23), and the entry's amount ($33).
+    reservation_columns = columns(writes.reservations, 15)
     counts = await conn.fetchrow(
         _WRITE_SQL,
         *columns(grant_rows, 4),
         now_us,
-        r_account,
-        r_id,
-        r_type,
-        r_amount,
-        r_expires,
-        r_action,
-        r_request,
-        r_meta,
-        r_key,
-        r_seq,
+        *reservation_columns[:10],
         *columns(writes.slices, 4),
-        j_available,
-        j_reserved,
-        j_principal,
-        j_effects,
+        *reservation_columns[10:14],
         *columns(wallet_rows, 4),
         *columns(writes.outcomes, 3),
         *columns(writes.unclaimed, 2),
-        j_amount,
+        reservation_columns[14],
     )
     expected = (
         len(grant_rows),
