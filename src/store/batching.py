@@ -90,8 +90,10 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self.counters = BatchCounters()
         self._queue: list[Waiting[RequestT, OutcomeT]] = []
         self._arrivals = 0
-        # Running batches and when each started.
+        # Batches in their transaction, and when each started (the ones that count against
+        # batches_in_flight_max); every batch task until it ends, publishing included.
         self._tasks: dict[asyncio.Task[None], float] = {}
+        self._live: set[asyncio.Task[None]] = set()
         self._recheck: asyncio.TimerHandle | None = None
 
     async def submit(self, request: RequestT) -> OutcomeT | None:
@@ -104,9 +106,9 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
 
     async def close(self) -> None:
         """Waits for the batches in flight (their callers are waiting for them)."""
-        while self._tasks or self._queue:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            if not self._tasks and self._queue:
+        while self._live or self._queue:
+            await asyncio.gather(*self._live, return_exceptions=True)
+            if not self._live and self._queue:
                 self._start_batches()
 
     @abstractmethod
@@ -137,10 +139,12 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             del self._queue[: self.batch_max]
             task = asyncio.create_task(self._run(batch))
             self._tasks[task] = now
+            self._live.add(task)
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self._live.discard(task)
         if self._recheck is not None:
             self._recheck.cancel()
         self._start_batches()
