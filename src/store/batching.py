@@ -171,8 +171,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
     async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
         batch = await self._admit(batch)
         if not batch:
-            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            return
+            return  # every call refused; _finished frees the slot
         self.counters.batches += 1
         self.counters.requests += len(batch)
         self.counters.largest_batch = max(self.counters.largest_batch, len(batch))

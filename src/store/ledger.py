@@ -433,23 +433,7 @@ class Ledger:
             return InsufficientCredits(cmd.account_id, cmd.credit_type, cmd.amount, available)
 
         ttl_seconds = cmd.ttl_seconds or self.settings.hold_ttl_seconds_default
-        reservation = Reservation(
-            reservation_id=new_id("rsv"),
-            account_id=cmd.account_id,
-            credit_type=cmd.credit_type,
-            amount=cmd.amount,
-            status=ReservationStatus.PENDING,
-            created_at_us=now_us,
-            expires_at_us=now_us + ttl_seconds * limits.MICROSECONDS_PER_SECOND,
-            resolved_at_us=None,
-            amount_committed=0,
-            amount_released=0,
-            amount_expired=0,
-            action=caller.action,
-            request_id=caller.request_id,
-            metadata=dict(cmd.metadata),
-            slices=tuple(slices),
-        )
+        reservation = Reservation.pending(new_id("rsv"), cmd, caller, now_us, ttl_seconds, slices)
         await _apply_grant_deltas(
             conn,
             cmd.account_id,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from store.limits import MICROSECONDS_PER_SECOND
 
 
 class GrantSource(enum.StrEnum):
@@ -155,6 +157,35 @@ class Reservation:
     request_id: str
     metadata: Mapping[str, str]
     slices: tuple[Slice, ...]
+
+    @classmethod
+    def pending(
+        cls,
+        reservation_id: str,
+        cmd: ReserveCommand,
+        caller: Caller,
+        now_us: int,
+        ttl_seconds: int,
+        slices: Sequence[Slice],
+    ) -> Reservation:
+        """A new hold of `slices`, as Reserve makes it (batched or one call at a time)."""
+        return cls(
+            reservation_id=reservation_id,
+            account_id=cmd.account_id,
+            credit_type=cmd.credit_type,
+            amount=cmd.amount,
+            status=ReservationStatus.PENDING,
+            created_at_us=now_us,
+            expires_at_us=now_us + ttl_seconds * MICROSECONDS_PER_SECOND,
+            resolved_at_us=None,
+            amount_committed=0,
+            amount_released=0,
+            amount_expired=0,
+            action=caller.action,
+            request_id=caller.request_id,
+            metadata=dict(cmd.metadata),
+            slices=tuple(slices),
+        )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from store import codec, limits
+from store import codec
 from store.batching import AdmissionCall, Batcher, Published, Waiting, columns
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
@@ -38,7 +38,6 @@ from store.model import (
     JournalEntry,
     Reservation,
     ReservationResult,
-    ReservationStatus,
     ReserveCommand,
 )
 
@@ -319,22 +318,8 @@ def _decide(
     effects = tuple(
         GrantEffect(s.grant_id, remaining_delta=-s.amount, held_delta=s.amount) for s in slices
     )
-    reservation = Reservation(
-        reservation_id=new_id("rsv"),
-        account_id=cmd.account_id,
-        credit_type=cmd.credit_type,
-        amount=cmd.amount,
-        status=ReservationStatus.PENDING,
-        created_at_us=now_us,
-        expires_at_us=now_us + request.request.ttl_seconds * limits.MICROSECONDS_PER_SECOND,
-        resolved_at_us=None,
-        amount_committed=0,
-        amount_released=0,
-        amount_expired=0,
-        action=caller.action,
-        request_id=caller.request_id,
-        metadata=dict(cmd.metadata),
-        slices=tuple(slices),
+    reservation = Reservation.pending(
+        new_id("rsv"), cmd, caller, now_us, request.request.ttl_seconds, slices
     )
     entry = JournalEntry(
         account_id=cmd.account_id,

@@ -28,11 +28,11 @@ from store.model import (
     EntryKind,
     GrantEffect,
     JournalEntry,
-    Reservation,
     ReservationResult,
     ReservationStatus,
     Slice,
 )
+from store.rows import reservation_from_row
 
 Resolution = Literal["commit", "release"]
 
@@ -280,22 +280,13 @@ def _settle(
     wallet.last_sequence += 1
     wallet.reserved -= amount
     wallet.changed = True
-    resolved = Reservation(
-        reservation_id=row["reservation_id"],
-        account_id=row["account_id"],
-        credit_type=row["credit_type"],
-        amount=amount,
+    resolved = replace(
+        reservation_from_row(row, [Slice(lot.grant_id, lot.amount) for lot in slice_lots]),
         status=status,
-        created_at_us=row["created_at_us"],
-        expires_at_us=row["expires_at_us"],
         resolved_at_us=now_us,
         amount_committed=consumed_total,
         amount_released=amount - consumed_total,
         amount_expired=0,
-        action=row["action"],
-        request_id=row["request_id"],
-        metadata=codec.metadata_from_json(row["metadata_json"]),
-        slices=tuple(Slice(lot.grant_id, lot.amount) for lot in slice_lots),
     )
     # Commit and Release carry no labels of their own: the journal keeps the reservation's.
     caller = replace(

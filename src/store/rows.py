@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,22 +127,24 @@ def grant_from_row(row: Row[Any]) -> Grant:
     )
 
 
-def reservation_from_row(row: Row[Any], slices: Sequence[Slice]) -> Reservation:
+def reservation_from_row(row: Mapping[Any, Any], slices: Sequence[Slice]) -> Reservation:
+    """A reservations row as a value: a SQLAlchemy row's `_mapping`, or an asyncpg Record (the
+    batched Commit and Release read rows through asyncpg directly)."""
     return Reservation(
-        reservation_id=row.reservation_id,
-        account_id=row.account_id,
-        credit_type=row.credit_type,
-        amount=row.amount,
-        status=ReservationStatus(row.status),
-        created_at_us=row.created_at_us,
-        expires_at_us=row.expires_at_us,
-        resolved_at_us=row.resolved_at_us,
-        amount_committed=row.amount_committed,
-        amount_released=row.amount_released,
-        amount_expired=row.amount_expired,
-        action=row.action,
-        request_id=row.request_id,
-        metadata=codec.metadata_from_json(row.metadata_json),
+        reservation_id=row["reservation_id"],
+        account_id=row["account_id"],
+        credit_type=row["credit_type"],
+        amount=row["amount"],
+        status=ReservationStatus(row["status"]),
+        created_at_us=row["created_at_us"],
+        expires_at_us=row["expires_at_us"],
+        resolved_at_us=row["resolved_at_us"],
+        amount_committed=row["amount_committed"],
+        amount_released=row["amount_released"],
+        amount_expired=row["amount_expired"],
+        action=row["action"],
+        request_id=row["request_id"],
+        metadata=codec.metadata_from_json(row["metadata_json"]),
         slices=tuple(slices),
     )
 
@@ -168,7 +170,7 @@ async def load_reservation(
         )
     )
     slices = [Slice(r.grant_id, r.amount) for r in slice_rows]
-    return reservation_from_row(row, slices), row.resolution_sequence
+    return reservation_from_row(row._mapping, slices), row.resolution_sequence
 
 
 def entry_from_row(row: Row[Any]) -> JournalEntry:
