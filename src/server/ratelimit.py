@@ -43,10 +43,9 @@ from server.status import ERROR_DOMAIN, rich_status
 from store import limits
 from store.batching import AdmissionCall
 from store.cache import (
-    FAILURE_LOG_INTERVAL_SECONDS,
-    REDIS_BACKOFF_MS,
     REDIS_CONNECTIONS_MAX,
     REDIS_TIMEOUT_MS_DEFAULT,
+    RedisBackoff,
     ScriptCall,
     run_script_pipelined,
 )
@@ -413,8 +412,7 @@ class RedisRateLimiter:
         # No retries: a retry would double what a slow Redis costs every call on the hot path.
         self._client = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._script = self._client.register_script(_ACQUIRE_SCRIPT)
-        self._skip_until = 0.0
-        self._last_failure_log = 0.0
+        self._backoff = RedisBackoff()
         # Checks waiting for the next round trip: (redis keys, script args, clock, answer).
         self._queue: list[
             tuple[
@@ -431,10 +429,7 @@ class RedisRateLimiter:
 
     def _failed(self, error: BaseException) -> None:
         self.counters.redis_errors += 1
-        now = time.monotonic()
-        self._skip_until = now + REDIS_BACKOFF_MS / 1000
-        if now - self._last_failure_log >= FAILURE_LOG_INTERVAL_SECONDS:
-            self._last_failure_log = now
+        if self._backoff.failed():
             log.warning(
                 "redis rate limit check failed (%s: %s); limiting in-process",
                 type(error).__name__,
@@ -462,7 +457,7 @@ class RedisRateLimiter:
         if not keys:
             return None
         _assert_distinct(keys)
-        if time.monotonic() < self._skip_until:
+        if not self._backoff.available():
             return await self._acquire_locally(keys, now_ms)
         args: list[str | int | float] = [len(keys)]
         for key in keys:

@@ -229,6 +229,28 @@ return 1
 """
 
 
+class RedisBackoff:
+    """What every Redis user here does after a failure: leave Redis alone for REDIS_BACKOFF_MS
+    (a sick Redis must not add its timeout to every call), and log at most once per
+    FAILURE_LOG_INTERVAL_SECONDS (the caller counts every failure)."""
+
+    def __init__(self) -> None:
+        self._skip_until = 0.0
+        self._last_log = 0.0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def failed(self) -> bool:
+        """Starts the back-off; True when this failure is the one to log."""
+        now = time.monotonic()
+        self._skip_until = now + REDIS_BACKOFF_MS / 1000
+        if now - self._last_log < FAILURE_LOG_INTERVAL_SECONDS:
+            return False
+        self._last_log = now
+        return True
+
+
 class RedisBalanceCache:
     def __init__(
         self,
@@ -254,18 +276,14 @@ class RedisBalanceCache:
         # No retries: retrying would multiply what a slow Redis costs; the database answers.
         self._client = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._cas = self._client.register_script(_CAS_SCRIPT)
-        self._skip_until = 0.0
-        self._last_failure_log = 0.0
+        self._backoff = RedisBackoff()
 
     def _available(self) -> bool:
-        return time.monotonic() >= self._skip_until
+        return self._backoff.available()
 
     def _failed(self, operation: str, error: Exception) -> None:
         self.counters.errors += 1
-        now = time.monotonic()
-        self._skip_until = now + REDIS_BACKOFF_MS / 1000
-        if now - self._last_failure_log >= FAILURE_LOG_INTERVAL_SECONDS:
-            self._last_failure_log = now
+        if self._backoff.failed():
             log.warning(
                 "redis %s failed (%s: %s); serving from the database",
                 operation,
