@@ -53,9 +53,15 @@ Errors are rich gRPC statuses (google.rpc.Status) with details:
   amounts), BALANCE_LIMIT_EXCEEDED.
 - ALREADY_EXISTS + ErrorInfo IDEMPOTENCY_KEY_REUSED (metadata: field).
 - NOT_FOUND: unknown reservation.
+- RESOURCE_EXHAUSTED + google.rpc.RetryInfo (retry_delay) + ErrorInfo RATE_LIMITED (metadata:
+  limit "caller" or "account", kind, rate_per_second, burst, retry_delay_ms, and the caller or
+  account_id): a spend rate limit (docs/rate-limits.md) refused Reserve, Commit or Release.
+  Nothing was done; retry the same request after retry_delay.
 - UNAVAILABLE: the database cannot be reached; nothing was changed, retry with the same key.
 - DEADLINE_EXCEEDED: the caller's deadline passed; nothing was changed, retry with the same key.
 - INTERNAL: a bug. Nothing half-applied is left; the log line carries the request id.
+Every failure carries the call's request id in the "x-request-id" trailer, as does every
+successful write (a successful CheckCredits or History does not).
 """
 
 from collections import abc as _abc
