@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from dataclasses import dataclass
 
 from alembic import command
 from alembic.config import Config
@@ -18,40 +19,51 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from store.database import create_engine
 
-# Arbitrary constant naming "credits schema migration" among Postgres advisory locks.
-_MIGRATION_LOCK_ID = 0x63726564_6D6967
+
+@dataclass(frozen=True)
+class Migrations:
+    """One Alembic history: where its scripts are, the Postgres advisory lock its runs take
+    turns on, and its version table (the ledger's and the listener's share a database)."""
+
+    script_location: str
+    lock_id: int
+    version_table: str = "alembic_version"
+
+    def alembic_config(self, connection: Connection | None = None) -> Config:
+        config = Config()
+        config.set_main_option("script_location", self.script_location)
+        if connection is not None:
+            config.attributes["connection"] = connection
+        return config
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+
+    async def migrate(self, engine: AsyncEngine, revision: str = "head") -> None:
+        def upgrade(connection: Connection) -> None:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": self.lock_id})
+            command.upgrade(self.alembic_config(connection), revision)
+
+        async with engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    async def current_revision(self, engine: AsyncEngine) -> str | None:
+        def read(connection: Connection) -> str | None:
+            opts = {"version_table": self.version_table}
+            return MigrationContext.configure(connection, opts=opts).get_current_revision()
+
+        async with engine.connect() as conn:
+            return await conn.run_sync(read)
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    config = Config()
-    config.set_main_option("script_location", "store:migrations")
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
-
-
-def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
-
-
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    def upgrade(connection: Connection) -> None:
-        if connection.dialect.name == "postgresql":
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
-            )
-        command.upgrade(alembic_config(connection), revision)
-
-    async with engine.begin() as conn:
-        await conn.run_sync(upgrade)
-
-
-async def current_revision(engine: AsyncEngine) -> str | None:
-    def read(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection).get_current_revision()
-
-    async with engine.connect() as conn:
-        return await conn.run_sync(read)
+# The ledger's history. The lock id is an arbitrary constant naming "credits schema migration"
+# among Postgres advisory locks.
+LEDGER = Migrations("store:migrations", lock_id=0x63726564_6D6967)
+alembic_config = LEDGER.alembic_config
+head_revision = LEDGER.head_revision
+migrate = LEDGER.migrate
+current_revision = LEDGER.current_revision
 
 
 def main(argv: list[str] | None = None) -> None:

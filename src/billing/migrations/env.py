@@ -9,9 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from billing.migrate import VERSION_TABLE
 from billing.schema import metadata
-
-VERSION_TABLE = "billing_alembic_version"
 
 connection = context.config.attributes.get("connection")
 if not isinstance(connection, Connection):
