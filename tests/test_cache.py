@@ -97,7 +97,9 @@ async def cached_ledger(
 ) -> AsyncIterator[Ledger]:
     engine = create_engine(database_url)
     try:
-        yield Ledger(engine, clock, cache=cache)
+        ledger = Ledger(engine, clock, cache=cache)
+        yield ledger
+        await ledger.close()
         report = await audit(engine, accounts.prefix)  # type: ignore[attr-defined]
         assert report.clean, "\n".join(map(str, report.mismatches))
     finally:

@@ -707,6 +707,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert sum(got_parts) == found.amount, found
 
     def teardown(self) -> None:
+        self.run(self.ledger.close())
         report = self.run(audit(self.engine, self.prefix))
         assert report.clean, "\n".join(map(str, report.mismatches))
 

@@ -22,9 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from store import limits
+from store.batch_pool import BatchConnections
 from store.cache import WalletSnapshot
 from store.clock import Clock
 from store.errors import LedgerError
@@ -35,6 +34,18 @@ RequestT = TypeVar("RequestT")
 OutcomeT = TypeVar("OutcomeT")
 # A published snapshot: (account_id, credit_type, snapshot).
 Published = tuple[str, str, WalletSnapshot]
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Puts a batch's wallet snapshots into the balance cache after COMMIT, in two halves:
+    this process's copy before the batch's callers are answered (a caller's next cached read
+    here sees its own change), the shared copy (Redis) after, so that its round trip is not
+    in their latency. Another replica's cached reads may lag that much longer; they may lag
+    by the near cache's lifetime anyway (--near-cache-ms)."""
+
+    local: Callable[[Sequence[Published]], None]
+    shared: Callable[[Sequence[Published]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -73,15 +84,15 @@ class BatchCounters:
 class Batcher(ABC, Generic[RequestT, OutcomeT]):
     def __init__(
         self,
-        engine: AsyncEngine,
+        connections: BatchConnections,
         clock: Clock,
-        publish: Callable[[Sequence[Published]], Awaitable[None]],
+        publish: Publish,
         *,
         admission: Admission | None = None,
         batch_max: int = limits.BATCH_MAX,
         batches_in_flight_max: int = limits.BATCHES_IN_FLIGHT_MAX,
     ) -> None:
-        self.engine = engine
+        self.connections = connections
         self.admission = admission
         self.clock = clock
         self.publish = publish
@@ -169,18 +180,26 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         return admitted
 
     async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
-        batch = await self._admit(batch)
-        if not batch:
-            return  # every call refused; _finished frees the slot
-        self.counters.batches += 1
-        self.counters.requests += len(batch)
-        self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
+        # The rate check (a Redis round trip) runs while the transaction opens (a Postgres
+        # round trip or two): a lone call waits for the slower of them, not for both.
+        admitting = asyncio.ensure_future(self._admit(batch)) if self.admission else None
         decided: dict[int, OutcomeT] = {}
         published: list[Published] = []
         try:
             async with asyncio.timeout(limits.BATCH_TIMEOUT_SECONDS):
-                published = await self._transact(batch, decided)
+                async with self.connections.transaction() as conn:
+                    if admitting is not None:
+                        batch = await admitting
+                    if batch:
+                        self._count(batch)
+                        published = await self.decide(conn, batch, decided)
+                    # Only COMMIT is left: the next batch may open its transaction while this
+                    # one's fsync runs (on a wallet this one locked, it waits for the COMMIT).
+                    self._leave_flight()
         except Exception:
+            if admitting is not None:
+                # Refusals hold on the one-call path too (_admit itself never raises).
+                batch = await admitting
             self.counters.failed_batches += 1
             log.warning(
                 "%s of %d failed; each goes one by one",
@@ -189,28 +208,28 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
                 exc_info=True,
             )
             decided.clear()
-        # The transaction is over: the next batch may start while this one publishes.
-        current = asyncio.current_task()
-        if current is not None and self._tasks.pop(current, None) is not None:
-            self._start_batches()
+        self._leave_flight()  # a failed batch had not
         if published:
-            await self.publish(published)
+            self.publish.local(published)
         for waiting in batch:
             if not waiting.future.done():
                 outcome = decided.get(waiting.arrival)
                 if outcome is None:
                     self.counters.handed_back += 1
                 waiting.future.set_result(outcome)
+        if published:
+            await self.publish.shared(published)
 
-    async def _transact(
-        self, batch: list[Waiting[RequestT, OutcomeT]], decided: dict[int, OutcomeT]
-    ) -> list[Published]:
-        async with self.engine.connect() as sa_conn:
-            raw = await sa_conn.get_raw_connection()
-            conn = raw.driver_connection
-            assert conn is not None
-            async with conn.transaction():
-                return await self.decide(conn, batch, decided)
+    def _leave_flight(self) -> None:
+        """This batch no longer counts against batches_in_flight_max: start the next."""
+        current = asyncio.current_task()
+        if current is not None and self._tasks.pop(current, None) is not None:
+            self._start_batches()
+
+    def _count(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
+        self.counters.batches += 1
+        self.counters.requests += len(batch)
+        self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
 
 
 def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -115,6 +115,15 @@ class BalanceCache(Protocol):
 
     async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None: ...
 
+    # put_wallets in two halves, for a writer that answers its callers between them: what this
+    # process keeps (no I/O, so it is current before any caller hears of the change) ...
+    def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None: ...
+
+    # ... and what every replica reads (Redis).
+    async def put_wallets_shared(
+        self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
+    ) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -169,8 +178,16 @@ class LocalBalanceCache:
         self._put(account_key("", account_id), snapshot.encode(), snapshot.version)
 
     async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
+        self.put_wallets_local(snapshots)
+
+    def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         for account_id, credit_type, snapshot in snapshots:
-            await self.put_wallet(account_id, credit_type, snapshot)
+            self._put(wallet_key("", account_id, credit_type), snapshot.encode(), snapshot.version)
+
+    async def put_wallets_shared(
+        self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
+    ) -> None:
+        pass  # nothing is shared
 
     async def close(self) -> None:
         self._entries.clear()
@@ -334,6 +351,14 @@ class RedisBalanceCache:
             account_key(self.namespace, account_id), snapshot.encode(), snapshot.version
         )
 
+    def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
+        pass  # nothing is kept in process
+
+    async def put_wallets_shared(
+        self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
+    ) -> None:
+        await self.put_wallets(snapshots)
+
     async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         """Many wallets in one round trip (a reserve batch's wallets), each compare-and-set."""
         if not snapshots or not self._available():
@@ -394,7 +419,15 @@ class LayeredBalanceCache:
         await self.shared.put_account(account_id, snapshot)
 
     async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
-        await self.near.put_wallets(snapshots)
+        self.put_wallets_local(snapshots)
+        await self.put_wallets_shared(snapshots)
+
+    def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
+        self.near.put_wallets_local(snapshots)
+
+    async def put_wallets_shared(
+        self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
+    ) -> None:
         await self.shared.put_wallets(snapshots)
 
     async def close(self) -> None:

@@ -41,6 +41,16 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def postgres_session_settings(pool: PoolSettings) -> dict[str, str]:
+    """What every Postgres session of the server runs with (the engine's and the batches')."""
+    return {
+        # Durability is not negotiable for a ledger: a commit is on disk when acked.
+        "synchronous_commit": "on",
+        "statement_timeout": str(pool.statement_timeout_ms),
+        "idle_in_transaction_session_timeout": "30000",
+    }
+
+
 def create_engine(url: str, pool: PoolSettings | None = None) -> AsyncEngine:
     pool = pool or PoolSettings()
     parsed = normalise_url(url)
@@ -63,10 +73,7 @@ def create_engine(url: str, pool: PoolSettings | None = None) -> AsyncEngine:
             "command_timeout": pool.statement_timeout_ms / 1000,
             "server_settings": {
                 "application_name": "credits-server",
-                # Durability is not negotiable for a ledger: a commit is on disk when acked.
-                "synchronous_commit": "on",
-                "statement_timeout": str(pool.statement_timeout_ms),
-                "idle_in_transaction_session_timeout": "30000",
+                **postgres_session_settings(pool),
             },
         },
     )

@@ -20,7 +20,8 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
-from store.batching import Admission, Published
+from store.batch_pool import BatchConnections
+from store.batching import Admission, Publish, Published
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, consume
 from store.cache import AccountSnapshot, BalanceCache, WalletSnapshot
 from store.clock import Clock, SystemClock
@@ -135,22 +136,23 @@ class Ledger:
         batching = self.settings.batch_writes and engine.dialect.name == "postgresql"
         # `admission` (the server's rate limits) runs once per batch; the one-call path never
         # sees it, so callers without batching check their limits before calling the ledger.
-        self.reserve_batcher = (
-            ReserveBatcher(engine, self.clock, self._publish_all, admission=admission)
-            if batching
-            else None
-        )
-        self.resolve_batcher = (
-            ResolveBatcher(engine, self.clock, self._publish_all, admission=admission)
-            if batching
-            else None
-        )
+        self.batch_connections = BatchConnections(engine) if batching else None
+        self.reserve_batcher: ReserveBatcher | None = None
+        self.resolve_batcher: ResolveBatcher | None = None
+        if self.batch_connections is not None:
+            publish = Publish(self._publish_local, self._publish_shared)
+            pool = self.batch_connections
+            self.reserve_batcher = ReserveBatcher(pool, self.clock, publish, admission=admission)
+            self.resolve_batcher = ResolveBatcher(pool, self.clock, publish, admission=admission)
 
     async def close(self) -> None:
-        """Lets the reserve batches in flight finish (their callers are waiting)."""
+        """Lets the batches in flight finish (their callers are waiting), then closes their
+        connections."""
         for batcher in (self.reserve_batcher, self.resolve_batcher):
             if batcher is not None:
                 await batcher.close()
+        if self.batch_connections is not None:
+            await self.batch_connections.close()
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -242,10 +244,13 @@ class Ledger:
         account_id, credit_type, snapshot = written
         await self.cache.put_wallet(account_id, credit_type, snapshot)
 
-    async def _publish_all(self, written: Sequence[Published]) -> None:
-        if self.cache is None:
-            return
-        await self.cache.put_wallets(written)
+    def _publish_local(self, written: Sequence[Published]) -> None:
+        if self.cache is not None:
+            self.cache.put_wallets_local(written)
+
+    async def _publish_shared(self, written: Sequence[Published]) -> None:
+        if self.cache is not None:
+            await self.cache.put_wallets_shared(written)
 
     async def get_grant(self, account_id: str, grant_id: str) -> Grant | None:
         async def work(conn: AsyncConnection) -> Grant | None:
