@@ -271,6 +271,50 @@ async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_account
         await blocker.close()
 
 
+async def test_calls_queued_behind_a_running_batch_schedule_one_recheck_not_one_each(
+    pg_ledger: Ledger, postgres_url: str, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every submit used to schedule its own "may a second batch start?" timer while a batch ran:
+    # hundreds of timers per second at load, each re-running the check (15% of a Reserve's CPU).
+    stuck = accounts("stuck")
+    await fund(pg_ledger, stuck, 100)
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_later = loop.call_later
+
+    def counting_call_later(delay: float, callback: Callable[..., object], *args: object) -> object:
+        if getattr(callback, "__self__", None) is batcher(pg_ledger):
+            scheduled.append(callback)
+        return call_later(delay, callback, *args)
+
+    monkeypatch.setattr(loop, "call_later", counting_call_later)
+    blocker = await asyncpg.connect(
+        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", stuck)
+        first = asyncio.ensure_future(
+            pg_ledger.reserve(ReserveCommand(stuck, "default", 1, "first"), CALLER)
+        )
+        await asyncio.sleep(0)
+        queued = [
+            asyncio.ensure_future(
+                pg_ledger.reserve(ReserveCommand(stuck, "default", 1, f"q{n}"), CALLER)
+            )
+            for n in range(50)
+        ]
+        await asyncio.sleep(0.1)  # past the stall: the queued calls went in a second batch
+        await holding.rollback()
+        results = await asyncio.gather(first, *queued)
+    finally:
+        await blocker.close()
+    assert all(r.reservation.amount == 1 for r in results)
+    assert batcher(pg_ledger).counters.batches == 2
+    assert len(scheduled) == 1, scheduled
+
+
 async def test_concurrent_commits_and_releases_on_a_hot_wallet_settle_each_hold_once(
     pg_ledger: Ledger, accounts: Accounts
 ) -> None:

@@ -135,16 +135,18 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         COMMIT. A call whose future is already done has given up: leave no trace of it."""
 
     def _start_batches(self) -> None:
-        self._recheck = None
+        if self._recheck is not None:
+            # A recheck is due already, and an arrival changes nothing about when: only a batch
+            # leaving (_reschedule) does. Every submit comes here, so this stays O(1).
+            return
         loop = asyncio.get_running_loop()
         while self._queue and len(self._tasks) < self.batches_in_flight_max:
             now = loop.time()
             youngest_age = min((now - t for t in self._tasks.values()), default=None)
             if youngest_age is not None and youngest_age < limits.BATCH_STALL_SECONDS:
-                if self._recheck is None:
-                    self._recheck = loop.call_later(
-                        limits.BATCH_STALL_SECONDS - youngest_age, self._start_batches
-                    )
+                self._recheck = loop.call_later(
+                    limits.BATCH_STALL_SECONDS - youngest_age, self._recheck_due
+                )
                 return
             batch = self._queue[: self.batch_max]
             del self._queue[: self.batch_max]
@@ -153,12 +155,21 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             self._live.add(task)
             task.add_done_callback(self._finished)
 
+    def _recheck_due(self) -> None:
+        self._recheck = None
+        self._start_batches()
+
+    def _reschedule(self) -> None:
+        """The batches in flight changed: decide afresh when the next may start."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        self._start_batches()
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
         self._live.discard(task)
-        if self._recheck is not None:
-            self._recheck.cancel()
-        self._start_batches()
+        self._reschedule()
 
     async def _admit(
         self, batch: list[Waiting[RequestT, OutcomeT]]
@@ -224,7 +235,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         """This batch no longer counts against batches_in_flight_max: start the next."""
         current = asyncio.current_task()
         if current is not None and self._tasks.pop(current, None) is not None:
-            self._start_batches()
+            self._reschedule()
 
     def _count(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
         self.counters.batches += 1
