@@ -102,6 +102,7 @@ class CreditsApp:
             ],
         )
         self.port = 0
+        self.service: CreditsService | None = None  # once started
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
@@ -118,7 +119,7 @@ class CreditsApp:
             if batcher is not None
         )
         policy = CallPolicy(self.authenticator, self.rate_gate, limited_by_ledger=batched)
-        service = CreditsService(self.ledger, policy)
+        service = self.service = CreditsService(self.ledger, policy)
         self.server.add_generic_rpc_handlers((generic_handler(service),))
         # Health needs no credential: load balancers and orchestrators probe it.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

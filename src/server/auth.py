@@ -7,9 +7,9 @@ the connection comes from a trusted workload. The caller must then hold the scop
 when restricted to account prefixes, name an account that starts with one of them.
 
 Lookups are cached in process for `cache_ttl_seconds` (5 s by default), unknown credentials
-included, so the hot path costs a SHA-256 and a dict probe, and a revoked token, a disabled
-caller or a changed scope takes effect within that time. Concurrent misses for one credential
-share a single database lookup.
+included, so the hot path costs a SHA-256 and a dict probe (a dict probe alone for the reads that
+authorize_in_memory answers), and a revoked token, a disabled caller or a changed scope takes
+effect within that time. Concurrent misses for one credential share a single database lookup.
 """
 
 from __future__ import annotations
@@ -105,7 +105,13 @@ class _TtlCache:
             return False, None
         return True, entry[1]
 
-    def put(self, key: _CacheKey, caller: CallerRecord | None) -> None:
+    def expires_at(self, key: _CacheKey) -> float | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    def put(
+        self, key: _CacheKey, caller: CallerRecord | None, expires_at: float | None = None
+    ) -> None:
         if self.ttl_seconds <= 0:
             return
         now = self._monotonic()
@@ -115,7 +121,7 @@ class _TtlCache:
                 # Full of live entries (a flood of distinct credentials): start over rather than
                 # grow; the cost is one database lookup per credential in use.
                 self._entries.clear()
-        self._entries[key] = (now + self.ttl_seconds, caller)
+        self._entries[key] = (now + self.ttl_seconds if expires_at is None else expires_at, caller)
 
 
 class Authenticator:
@@ -128,6 +134,11 @@ class Authenticator:
         assert 0 <= cache_ttl_seconds <= limits.AUTH_CACHE_TTL_SECONDS_MAX, cache_ttl_seconds
         self.store = store
         self._cache = _TtlCache(cache_ttl_seconds, monotonic)
+        # The authorization header exactly as sent -> its caller, for authorize_in_memory: a
+        # hit skips parsing and hashing. Each entry expires with the digest entry it came from,
+        # so revocation still takes effect within cache_ttl_seconds. It holds raw tokens, as
+        # the call's own metadata does, for no longer than that.
+        self._by_header = _TtlCache(cache_ttl_seconds, monotonic)
         self._pending: dict[_CacheKey, asyncio.Future[CallerRecord | None]] = {}
 
     async def authorize(
@@ -173,11 +184,37 @@ class Authenticator:
             )
         return caller
 
+    def authorize_in_memory(
+        self, method: str, account_id: str, metadata: Sequence[tuple[str, str | bytes]]
+    ) -> CallerRecord | None:
+        """authorize() when its answer is a yes already known in memory, without awaiting;
+        None means "ask authorize()", which gives the full answer (and any error)."""
+        header: str | bytes | None = None
+        for key, value in metadata:
+            if key == AUTHORIZATION_HEADER:
+                if header is not None:
+                    return None  # two of them: authorize() says why that is refused
+                header = value
+        if not isinstance(header, str):
+            return None
+        found, caller = self._by_header.get((header,))
+        if (
+            not found
+            or caller is None
+            or not caller.active
+            or METHOD_SCOPES.get(method, Scope.ADMIN) not in caller.scopes
+            or not caller.may_use_account(account_id)
+        ):
+            return None
+        return caller
+
     async def authenticate(
         self, context: Context, metadata: Sequence[tuple[str, str | bytes]] | None = None
     ) -> CallerRecord:
         """The caller named by the call's bearer token, else by its client certificate."""
-        token = bearer_token(context.invocation_metadata() or () if metadata is None else metadata)
+        if metadata is None:
+            metadata = tuple(context.invocation_metadata() or ())
+        token = bearer_token(metadata)
         if token is not None:
             digest = token_digest(token)
             caller = await self._lookup(
@@ -188,6 +225,10 @@ class Authenticator:
                     "the bearer token is not valid (unknown or revoked); ask an administrator "
                     "for a new one (`credits-server callers token-create`)"
                 )
+            expires_at = self._cache.expires_at(("token", digest))
+            if expires_at is not None:
+                header = next(v for k, v in metadata if k == AUTHORIZATION_HEADER)
+                self._by_header.put((str(header),), caller, expires_at)
         else:
             identities = certificate_identities(context)
             if not identities:

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
@@ -107,6 +107,12 @@ class BalanceCache(Protocol):
         self, account_id: str, credit_type: str
     ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]: ...
 
+    # What this process holds, without I/O: both snapshots when the wallet's is current at
+    # now_us (a hit), else (None, None). The fast path of CheckCredits (server/service.py).
+    def get_local(
+        self, account_id: str, credit_type: str, now_us: int
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]: ...
+
     async def put_wallet(
         self, account_id: str, credit_type: str, snapshot: WalletSnapshot
     ) -> None: ...
@@ -127,62 +133,77 @@ class BalanceCache(Protocol):
     async def close(self) -> None: ...
 
 
-def _newer_or_equal(current: str | None, version: int) -> bool:
-    return current is None or int(current.split("|", 1)[0]) <= version
+Snapshot = WalletSnapshot | AccountSnapshot
+# ("w", account_id, credit_type) or ("a", account_id): tuples, so no two wallets share a key.
+_LocalKey = tuple[str, ...]
 
 
 @dataclass
 class LocalBalanceCache:
-    """In-process snapshots (LRU-bounded) for when no Redis is configured."""
+    """In-process snapshots (LRU-bounded) for when no Redis is configured, and the near copy
+    in front of Redis. Held decoded: a hit builds nothing."""
 
     counters: CacheCounters = field(default_factory=CacheCounters)
     entries_max: int = LOCAL_ENTRIES_MAX
     ttl_ms: int = LOCAL_SNAPSHOT_TTL_MS
-    _entries: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)
+    # key -> (snapshot, monotonic expiry in seconds)
+    _entries: OrderedDict[_LocalKey, tuple[Snapshot, float]] = field(default_factory=OrderedDict)
 
-    def _get(self, key: str) -> str | None:
+    def _get(self, key: _LocalKey) -> Snapshot | None:
         found = self._entries.get(key)
         if found is None:
             return None
-        raw, expires_at = found
+        snapshot, expires_at = found
         if time.monotonic() >= expires_at:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return raw
+        return snapshot
 
-    def _put(self, key: str, raw: str, version: int) -> None:
-        if not _newer_or_equal(self._get(key), version):
+    def _put(self, key: _LocalKey, snapshot: Snapshot) -> None:
+        current = self._get(key)
+        if current is not None and current.version > snapshot.version:
             self.counters.writes_refused_as_older += 1
             return
-        self._entries[key] = (raw, time.monotonic() + self.ttl_ms / 1000)
+        self._entries[key] = (snapshot, time.monotonic() + self.ttl_ms / 1000)
         self._entries.move_to_end(key)
         self.counters.writes += 1
         while len(self._entries) > self.entries_max:
             self._entries.popitem(last=False)
 
+    def _get_both(
+        self, account_id: str, credit_type: str
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        # The key's first part says which kind it holds.
+        wallet = cast(WalletSnapshot | None, self._get(("w", account_id, credit_type)))
+        account = cast(AccountSnapshot | None, self._get(("a", account_id)))
+        return wallet, account
+
     async def get(
         self, account_id: str, credit_type: str
     ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
-        wallet = self._get(wallet_key("", account_id, credit_type))
-        account = self._get(account_key("", account_id))
-        return (
-            None if wallet is None else WalletSnapshot.decode(wallet),
-            None if account is None else AccountSnapshot.decode(account),
-        )
+        return self._get_both(account_id, credit_type)
+
+    def get_local(
+        self, account_id: str, credit_type: str, now_us: int
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        wallet, account = self._get_both(account_id, credit_type)
+        if wallet is None or account is None or now_us >= wallet.valid_until_us:
+            return None, None
+        return wallet, account
 
     async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:
-        self._put(wallet_key("", account_id, credit_type), snapshot.encode(), snapshot.version)
+        self._put(("w", account_id, credit_type), snapshot)
 
     async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
-        self._put(account_key("", account_id), snapshot.encode(), snapshot.version)
+        self._put(("a", account_id), snapshot)
 
     async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         self.put_wallets_local(snapshots)
 
     def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         for account_id, credit_type, snapshot in snapshots:
-            self._put(wallet_key("", account_id, credit_type), snapshot.encode(), snapshot.version)
+            self._put(("w", account_id, credit_type), snapshot)
 
     async def put_wallets_shared(
         self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
@@ -351,6 +372,11 @@ class RedisBalanceCache:
             account_key(self.namespace, account_id), snapshot.encode(), snapshot.version
         )
 
+    def get_local(
+        self, account_id: str, credit_type: str, now_us: int
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        return None, None  # nothing is kept in process
+
     def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         pass  # nothing is kept in process
 
@@ -408,6 +434,14 @@ class LayeredBalanceCache:
             await self.near.put_wallet(account_id, credit_type, wallet)
         if account is not None:
             await self.near.put_account(account_id, account)
+        return wallet, account
+
+    def get_local(
+        self, account_id: str, credit_type: str, now_us: int
+    ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
+        wallet, account = self.near.get_local(account_id, credit_type, now_us)
+        if wallet is not None:
+            self.counters.near_hits += 1
         return wallet, account
 
     async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:

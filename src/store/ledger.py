@@ -162,6 +162,10 @@ class Ledger:
         """Balances for CheckCredits: from the cache when it holds a current snapshot (unless
         `consistent`), else from the database, refilling the cache. Never used to decide a
         reservation (DESIGN.md invariant 5)."""
+        if not consistent:
+            found = self.check_in_memory(account_id, credit_type, amount)
+            if found is not None:
+                return found
         validation.validate_check(account_id, credit_type, amount)
         if self.cache is not None and not consistent:
             wallet, account = await self.cache.get(account_id, credit_type)
@@ -171,7 +175,7 @@ class Ledger:
                     # Writes publish wallet copies only; the status is one primary-key read.
                     account = await self._read_account(account_id)
                     await self.cache.put_account(account_id, account)
-                return _balance(account_id, credit_type, wallet, account, from_cache=True)
+                return balance_of(account_id, credit_type, wallet, account, from_cache=True)
             if wallet is None:
                 self.cache.counters.misses += 1
             else:
@@ -180,7 +184,29 @@ class Ledger:
         if self.cache is not None:
             await self.cache.put_wallet(account_id, credit_type, wallet)
             await self.cache.put_account(account_id, account)
-        return _balance(account_id, credit_type, wallet, account, from_cache=False)
+        return balance_of(account_id, credit_type, wallet, account, from_cache=False)
+
+    def check_in_memory(self, account_id: str, credit_type: str, amount: int) -> Balance | None:
+        """check() answered from this process's copy without any I/O, or None (then check()
+        it)."""
+        found = self.snapshots_in_memory(account_id, credit_type, amount)
+        if found is None:
+            return None
+        return balance_of(account_id, credit_type, *found, from_cache=True)
+
+    def snapshots_in_memory(
+        self, account_id: str, credit_type: str, amount: int
+    ) -> tuple[WalletSnapshot, AccountSnapshot] | None:
+        """What check_in_memory answers from (counted as a cache hit). The request is valid
+        when this answers: the copy exists only for a wallet some valid call read or changed,
+        and the amount is in range."""
+        if self.cache is None or not 0 <= amount <= limits.AMOUNT_MAX:
+            return None
+        wallet, account = self.cache.get_local(account_id, credit_type, self.clock.now_us())
+        if wallet is None or account is None:
+            return None
+        self.cache.counters.hits += 1
+        return wallet, account
 
     async def _read_snapshots(
         self, account_id: str, credit_type: str
@@ -993,7 +1019,7 @@ class Ledger:
         return entry
 
 
-def _balance(
+def balance_of(
     account_id: str,
     credit_type: str,
     wallet: WalletSnapshot,
