@@ -7,9 +7,10 @@ bytes are not a valid message gets INVALID_ARGUMENT instead of gRPC's default IN
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -89,7 +90,13 @@ def call_request_id(metadata: Sequence[tuple[str, str | bytes]]) -> str:
         sane_length = 0 < len(value) <= limits.REQUEST_ID_LENGTH_MAX
         if sane_length and limits.VISIBLE_ASCII_PATTERN.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return f"{_REQUEST_ID_STEM}{next(_request_numbers):016x}"
+
+
+# Request ids the server makes up: 16 random hex digits per process, then a counter (32 hex
+# digits in all, as a UUID's). Unique without a system call per call, which uuid4 makes.
+_REQUEST_ID_STEM = secrets.token_hex(8)
+_request_numbers = itertools.count()
 
 
 async def run_rpc(
