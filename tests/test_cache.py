@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as redis_asyncio
 from conftest import delete_redis_namespace, new_redis_namespace
 
 from credits.v1 import credits_pb2 as pb
@@ -280,3 +281,32 @@ def test_the_cache_ttls_are_bounded() -> None:
     assert 0 < cache_module.LOCAL_SNAPSHOT_TTL_MS <= 60_000
     assert 0 < cache_module.REDIS_SNAPSHOT_TTL_MS <= 3_600_000
     assert limits.HOLD_TTL_SECONDS_MIN >= 1
+
+
+@pytest.mark.redis
+async def test_batched_snapshot_writes_survive_redis_forgetting_its_scripts(redis_url: str) -> None:
+    """Redis restarted or flushed: EVALSHA answers NOSCRIPT, runs nothing, and the calls are
+    sent again once the script is loaded; stale ones are still refused."""
+    namespace = new_redis_namespace()
+    cache = RedisBalanceCache(redis_url, namespace=namespace)
+    admin = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        account = AccountSnapshot(version=0, status=AccountStatus.ACTIVE)
+        await cache.put_account("acct", account)
+
+        def snapshot(version: int) -> WalletSnapshot:
+            return WalletSnapshot(version, 100 - version, version, 2**62, 1)
+
+        await cache.put_wallets([("acct", "default", snapshot(1)), ("b", "default", snapshot(1))])
+        await admin.script_flush()
+        await cache.put_wallets([("acct", "default", snapshot(3)), ("b", "default", snapshot(2))])
+        await admin.script_flush()
+        await cache.put_wallets([("acct", "default", snapshot(2))])  # older: refused
+        assert (await cache.get("acct", "default"))[0] == snapshot(3)
+        assert (await cache.get("b", "default"))[0] == snapshot(2)
+        assert cache.counters.writes_refused_as_older == 1
+        assert cache.counters.errors == 0
+    finally:
+        await cache.close()
+        await admin.aclose()
+        await delete_redis_namespace(redis_url, namespace)

@@ -7,9 +7,10 @@ the connection comes from a trusted workload. The caller must then hold the scop
 when restricted to account prefixes, name an account that starts with one of them.
 
 Lookups are cached in process for `cache_ttl_seconds` (5 s by default), unknown credentials
-included, so the hot path costs a SHA-256 and a dict probe (a dict probe alone for the reads that
-authorize_in_memory answers), and a revoked token, a disabled caller or a changed scope takes
-effect within that time. Concurrent misses for one credential share a single database lookup.
+included, so the hot path costs a SHA-256 and a dict probe (a dict probe alone once the exact
+header was accepted: authorize_in_memory), and a revoked token, a disabled caller or a changed
+scope takes effect within that time. Concurrent misses for one credential share a single
+database lookup.
 """
 
 from __future__ import annotations
@@ -150,6 +151,11 @@ class Authenticator:
     ) -> CallerRecord:
         """The authenticated caller, if it may make this call on the request's account.
         `metadata`: the call's invocation metadata when the caller already read it."""
+        account_id = getattr(request, "account_id", None)
+        if metadata is not None and isinstance(account_id, str):
+            known = self.authorize_in_memory(method, account_id, metadata)
+            if known is not None:
+                return known
         caller = await self.authenticate(context, metadata)
         # An RPC missing from the table needs the widest scope: a new RPC is closed by default.
         scope = METHOD_SCOPES.get(method, Scope.ADMIN)
@@ -165,7 +171,6 @@ class Authenticator:
                 )
             )
         # An undecodable request has no account; it is refused as INVALID_ARGUMENT next.
-        account_id = getattr(request, "account_id", None)
         if isinstance(account_id, str) and not caller.may_use_account(account_id):
             prefixes = ", ".join(repr(p) for p in caller.account_prefixes)
             shown = account_id[: limits.ACCOUNT_ID_LENGTH_MAX]

@@ -45,9 +45,9 @@ from store.batching import AdmissionCall
 from store.cache import (
     REDIS_CONNECTIONS_MAX,
     REDIS_TIMEOUT_MS_DEFAULT,
+    PipelinedScript,
     RedisBackoff,
     ScriptCall,
-    run_script_pipelined,
 )
 from store.errors import LedgerError
 
@@ -411,7 +411,7 @@ class RedisRateLimiter:
         )
         # No retries: a retry would double what a slow Redis costs every call on the hot path.
         self._client = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-        self._script = self._client.register_script(_ACQUIRE_SCRIPT)
+        self._script = PipelinedScript(self._client, _ACQUIRE_SCRIPT)
         self._backoff = RedisBackoff()
         # Checks waiting for the next round trip: (redis keys, script args, clock, answer).
         self._queue: list[
@@ -497,7 +497,7 @@ class RedisRateLimiter:
                 # The socket timeouts bound each step; this bounds the whole round trip (pool
                 # wait, connect, script) so a sick Redis adds at most timeout_ms to an RPC.
                 async with asyncio.timeout(self.timeout_ms / 1000):
-                    replies = await run_script_pipelined(self._client, self._script, calls)
+                    replies = await self._script.run(calls)
             except Exception as error:  # noqa: BLE001 - any Redis failure: local limits
                 self._failed(error)
                 for *_, future in batch:
@@ -513,6 +513,7 @@ class RedisRateLimiter:
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._script.close()
         await self._client.aclose()
         await self.fallback.close()
 

@@ -46,6 +46,9 @@ class Publish:
 
     local: Callable[[Sequence[Published]], None]
     shared: Callable[[Sequence[Published]], Awaitable[None]]
+    # The process keeps no copy of its own (Redis without the near cache): its cached reads come
+    # from the shared copy, so that is written before the callers are answered.
+    shared_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,13 +225,15 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self._leave_flight()  # a failed batch had not
         if published:
             self.publish.local(published)
+            if self.publish.shared_first:
+                await self.publish.shared(published)
         for waiting in batch:
             if not waiting.future.done():
                 outcome = decided.get(waiting.arrival)
                 if outcome is None:
                     self.counters.handed_back += 1
                 waiting.future.set_result(outcome)
-        if published:
+        if published and not self.publish.shared_first:
             await self.publish.shared(published)
 
     def _leave_flight(self) -> None:

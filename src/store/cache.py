@@ -19,18 +19,20 @@ Correctness rules:
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import redis.asyncio as redis_asyncio
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from store.model import AccountStatus
 
@@ -53,6 +55,9 @@ REDIS_BACKOFF_MS = 1_000
 FAILURE_LOG_INTERVAL_SECONDS = 10.0
 REDIS_TIMEOUT_MS_DEFAULT = 50
 REDIS_CONNECTIONS_MAX = 32
+# Connections each pipelined script (PipelinedScript) keeps open at most, beside the pool's: one
+# per round trip in flight (a batch's rate checks, another batch's snapshots).
+SCRIPT_CONNECTIONS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ class CacheCounters:
 
 class BalanceCache(Protocol):
     counters: CacheCounters
+    # Whether this process holds copies of its own (put_wallets_local stores something).
+    keeps_local_copy: bool
 
     async def get(
         self, account_id: str, credit_type: str
@@ -144,6 +151,7 @@ class LocalBalanceCache:
     in front of Redis. Held decoded: a hit builds nothing."""
 
     counters: CacheCounters = field(default_factory=CacheCounters)
+    keeps_local_copy: bool = True
     entries_max: int = LOCAL_ENTRIES_MAX
     ttl_ms: int = LOCAL_SNAPSHOT_TTL_MS
     # key -> (snapshot, monotonic expiry in seconds)
@@ -217,33 +225,90 @@ class LocalBalanceCache:
 ScriptCall = tuple[list[str], list[str | int | float]]
 
 
-async def run_script_pipelined(
-    client: redis_asyncio.Redis, script: AsyncScript, calls: Sequence[ScriptCall]
-) -> list[Any]:
-    """Runs `script` once per call in one round trip, each call atomic on its own.
+def _resp_argument(part: str | int | float | bytes) -> bytes:
+    if isinstance(part, bytes):
+        return part
+    return (repr(part) if isinstance(part, float) else str(part)).encode()
 
-    EVALSHA straight away: redis-py's own pipelined scripts ask SCRIPT EXISTS first, a second
-    round trip on every flush. Calls refused with NOSCRIPT (Redis restarted or flushed its
-    scripts) ran nothing, so only those are sent again once the script is loaded."""
-    results: list[Any] = [None] * len(calls)
-    pending = list(range(len(calls)))
-    for attempt in range(2):
-        async with client.pipeline(transaction=False) as pipe:
+
+def _resp_command(*parts: str | int | float | bytes) -> bytes:
+    """One command in Redis's wire format, its arguments encoded as redis-py encodes them."""
+    encoded = [_resp_argument(part) for part in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
+    )
+
+
+class PipelinedScript:
+    """One Lua script called many times in one round trip (EVALSHA each), each call atomic.
+
+    It sends on redis-py connections of its own, made with the client's settings (URL,
+    credentials, TLS, timeouts), with the commands encoded here: a redis-py pipeline costs about
+    125 us of CPU per round trip, this about half, and the hot path makes one or two round
+    trips per group-commit batch (docs/performance.md).
+
+    EVALSHA straight away, never SCRIPT EXISTS first. Calls refused with NOSCRIPT (Redis
+    restarted or flushed its scripts) ran nothing, so only those are sent again, once the script
+    is loaded. A connection that failed or was interrupted mid-reply is closed, never reused.
+    """
+
+    def __init__(self, client: redis_asyncio.Redis, source: str) -> None:
+        self._pool = client.connection_pool
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._idle: list[AbstractConnection] = []
+        self._slots = asyncio.Semaphore(SCRIPT_CONNECTIONS_MAX)
+
+    async def run(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """The script's reply to each call, in order; raises what Redis answered if any failed."""
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else self._new_connection()
+            try:
+                results = await self._run_on(conn, calls)
+            except BaseException:
+                # Replies may be left unread on it: it can serve no one else.
+                await conn.disconnect(nowait=True)
+                raise
+            self._idle.append(conn)
+        for reply in results:
+            if isinstance(reply, Exception):
+                raise reply
+        return results
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+
+    def _new_connection(self) -> AbstractConnection:
+        connection: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def _run_on(self, conn: AbstractConnection, calls: Sequence[ScriptCall]) -> list[Any]:
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            await conn.send_packed_command(
+                b"".join(
+                    _resp_command("EVALSHA", self.sha, len(calls[i][0]), *calls[i][0], *calls[i][1])
+                    for i in pending
+                ),
+                check_health=False,
+            )
             for i in pending:
-                keys, args = calls[i]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-        for i, reply in zip(pending, replies, strict=True):
-            results[i] = reply
-        pending = [i for i in pending if isinstance(results[i], NoScriptError)]
-        if not pending:
-            break
-        if attempt == 0:
-            await client.script_load(script.script)
-    for reply in results:
-        if isinstance(reply, Exception):
-            raise reply
-    return results
+                try:
+                    results[i] = await conn.read_response()
+                except ResponseError as refused:  # an error reply: the others still come
+                    results[i] = refused
+            pending = [i for i in pending if isinstance(results[i], NoScriptError)]
+            if not pending:
+                break
+            if attempt == 0:
+                await conn.send_packed_command(
+                    _resp_command("SCRIPT", "LOAD", self.source), check_health=False
+                )
+                await conn.read_response()
+        return results
 
 
 def wallet_key(namespace: str, account_id: str, credit_type: str) -> str:
@@ -299,6 +364,7 @@ class RedisBalanceCache:
         ttl_ms: int = REDIS_SNAPSHOT_TTL_MS,
     ) -> None:
         self.counters = CacheCounters()
+        self.keeps_local_copy = False
         self.namespace = namespace
         self.ttl_ms = ttl_ms
         # A blocking pool: a burst of calls waits (at most the timeout) for one of a bounded
@@ -314,6 +380,7 @@ class RedisBalanceCache:
         # No retries: retrying would multiply what a slow Redis costs; the database answers.
         self._client = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._cas = self._client.register_script(_CAS_SCRIPT)
+        self._cas_many = PipelinedScript(self._client, _CAS_SCRIPT)
         self._backoff = RedisBackoff()
 
     def _available(self) -> bool:
@@ -397,7 +464,7 @@ class RedisBalanceCache:
             for account_id, credit_type, snapshot in snapshots
         ]
         try:
-            stored = await run_script_pipelined(self._client, self._cas, calls)
+            stored = await self._cas_many.run(calls)
         except Exception as error:  # noqa: BLE001 - any cache failure falls back to the database
             self._failed("write", error)
             return
@@ -406,7 +473,17 @@ class RedisBalanceCache:
         self.counters.writes_refused_as_older += len(stored) - written
 
     async def close(self) -> None:
+        await self._cas_many.close()
         await self._client.aclose()
+
+
+SnapshotT = TypeVar("SnapshotT", WalletSnapshot, AccountSnapshot)
+
+
+def _newer(a: SnapshotT | None, b: SnapshotT | None) -> SnapshotT | None:
+    if a is None or (b is not None and b.version > a.version):
+        return b
+    return a
 
 
 class LayeredBalanceCache:
@@ -421,15 +498,20 @@ class LayeredBalanceCache:
         self.shared = shared
         self.near = LocalBalanceCache(ttl_ms=near_ttl_ms)
         self.counters = shared.counters
+        self.keeps_local_copy = True
 
     async def get(
         self, account_id: str, credit_type: str
     ) -> tuple[WalletSnapshot | None, AccountSnapshot | None]:
-        wallet, account = await self.near.get(account_id, credit_type)
-        if wallet is not None and account is not None:
+        near_wallet, near_account = await self.near.get(account_id, credit_type)
+        if near_wallet is not None and near_account is not None:
             self.counters.near_hits += 1
-            return wallet, account
+            return near_wallet, near_account
         wallet, account = await self.shared.get(account_id, credit_type)
+        # Never older than what this process holds: its own writes reach Redis a moment after
+        # they reach the near copy (put_wallets_local, then put_wallets_shared).
+        wallet = _newer(near_wallet, wallet)
+        account = _newer(near_account, account)
         if wallet is not None:
             await self.near.put_wallet(account_id, credit_type, wallet)
         if account is not None:

@@ -140,7 +140,11 @@ class Ledger:
         self.reserve_batcher: ReserveBatcher | None = None
         self.resolve_batcher: ResolveBatcher | None = None
         if self.batch_connections is not None:
-            publish = Publish(self._publish_local, self._publish_shared)
+            publish = Publish(
+                self._publish_local,
+                self._publish_shared,
+                shared_first=cache is not None and not cache.keeps_local_copy,
+            )
             pool = self.batch_connections
             self.reserve_batcher = ReserveBatcher(pool, self.clock, publish, admission=admission)
             self.resolve_batcher = ResolveBatcher(pool, self.clock, publish, admission=admission)
