@@ -184,3 +184,13 @@ async def seed_naive(conn: asyncpg.Connection, wallets: WalletRange) -> None:
 
 async def analyze(conn: asyncpg.Connection) -> None:
     await conn.execute("VACUUM ANALYZE")
+
+
+async def checkpoint(conn: asyncpg.Connection) -> bool:
+    """Writes out what a bulk load dirtied, so that no checkpoint started by the load's WAL runs
+    through the scenarios measured after it. False when the role may not (pg_checkpoint)."""
+    try:
+        await conn.execute("CHECKPOINT")
+    except asyncpg.InsufficientPrivilegeError:
+        return False
+    return True
