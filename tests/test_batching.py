@@ -17,6 +17,7 @@ from conftest import assert_no_failed_batches
 from sqlalchemy.engine import make_url
 
 from store.audit import audit
+from store.cache import LocalBalanceCache
 from store.clock import ManualClock
 from store.database import create_engine
 from store.errors import (
@@ -242,6 +243,51 @@ async def test_a_failed_batch_hands_every_call_to_the_one_call_path(
     assert all(not isinstance(r, ReservationResult) for r in results[1::2])
     assert (await pg_ledger.check(bad, "default", consistent=True)).available == 10
     assert (await pg_ledger.check(account, "default", consistent=True)).available == 5
+
+
+async def test_a_batch_whose_commit_fails_leaves_no_snapshot_in_the_cache(
+    postgres_url: str, clock: ManualClock, accounts: Accounts
+) -> None:
+    """The snapshots a batch computed become true only at its COMMIT: when COMMIT fails (here a
+    deferred trigger refuses one account's reservation), none of them reach the cache."""
+    engine = create_engine(postgres_url)
+    ledger = Ledger(engine, clock, LedgerSettings(), cache=LocalBalanceCache())
+    account, bad = accounts("ok"), accounts("bad")
+    function = "refuse_at_commit_" + "".join(c for c in accounts.prefix if c.isalnum())  # type: ignore[attr-defined]
+    try:
+        await fund(ledger, account, 10)
+        await fund(ledger, bad, 10)
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(
+                f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.account_id = '{bad}' THEN RAISE EXCEPTION 'refused'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            await conn.exec_driver_sql(
+                f"CREATE CONSTRAINT TRIGGER {function} AFTER INSERT ON reservations "
+                f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {function}()"
+            )
+        try:
+            results = await asyncio.gather(
+                *(
+                    ledger.reserve(ReserveCommand(a, "default", 1, f"k{i}"), CALLER)
+                    for i in range(5)
+                    for a in (account, bad)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(f"DROP TRIGGER {function} ON reservations")
+                await conn.exec_driver_sql(f"DROP FUNCTION {function}()")
+        assert batcher(ledger).counters.failed_batches >= 1
+        assert sum(isinstance(r, ReservationResult) for r in results) == 5
+        for wallet, available in ((bad, 10), (account, 5)):
+            cached = await ledger.check(wallet, "default")
+            assert cached.from_cache and cached.available == available, (wallet, cached)
+    finally:
+        await ledger.close()
+        await engine.dispose()
 
 
 async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_accounts(

@@ -222,6 +222,8 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
                 exc_info=True,
             )
             decided.clear()
+            # Computed before a COMMIT that failed: these snapshots never became true.
+            published = []
         self._leave_flight()  # a failed batch had not
         if published:
             self.publish.local(published)
