@@ -62,7 +62,7 @@ class CreditsService:
         this process's memory: the credential (Authenticator.authorize_in_memory) and the
         balance (Ledger.check_in_memory). Anything else (a miss, an error to report, a
         consistent read, debug logging on) returns None and takes run_rpc, which gives the
-        same answer at about twice the CPU (docs/performance.md)."""
+        same answer for eight times the Python (docs/performance.md)."""
         if (
             type(request) is not pb.CheckCreditsRequest
             or request.consistent
