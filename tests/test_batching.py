@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -80,6 +82,22 @@ async def fund(ledger: Ledger, account: str, amount: int, key: str = "fund", **k
         AddCreditsCommand(account, "default", amount, key, GrantSource.PURCHASE, **kw),  # type: ignore[arg-type]
         CALLER,
     )
+
+
+@asynccontextmanager
+async def holding_wallet(postgres_url: str, account: str) -> AsyncIterator[Any]:
+    """Another session's transaction holding the lock of `account`'s default wallet (roll the
+    transaction back to let go)."""
+    blocker = await asyncpg.connect(
+        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", account)
+        yield holding
+    finally:
+        await blocker.close()
 
 
 async def outcome(ledger: Ledger, account: str, amount: int, key: str) -> str:
@@ -182,19 +200,11 @@ async def test_a_caller_that_gave_up_before_its_turn_leaves_nothing_and_its_key_
 ) -> None:
     account = accounts("gaveup")
     await fund(pg_ledger, account, 10)
-    blocker = await asyncpg.connect(
-        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    try:
-        holding = blocker.transaction()
-        await holding.start()
-        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", account)
+    async with holding_wallet(postgres_url, account) as holding:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await pg_ledger.reserve(ReserveCommand(account, "default", 4, "late"), CALLER)
         await holding.rollback()
-    finally:
-        await blocker.close()
     await batcher(pg_ledger).close()
     balance = await pg_ledger.check(account, "default", consistent=True)
     assert (balance.available, balance.reserved) == (10, 0)
@@ -203,40 +213,52 @@ async def test_a_caller_that_gave_up_before_its_turn_leaves_nothing_and_its_key_
     assert result.reservation.amount == 5
 
 
-@pytest.mark.batch_failures_expected
-async def test_a_failed_batch_hands_every_call_to_the_one_call_path(
-    pg_ledger: Ledger, postgres_url: str, accounts: Accounts
-) -> None:
-    """A batch that fails (here: a trigger refuses one reservation of it) rolls back whole; each
-    call then runs alone, so only the refused one fails."""
-    account, bad = accounts("ok"), accounts("bad")
-    await fund(pg_ledger, account, 10)
-    await fund(pg_ledger, bad, 10)
+async def reserve_with_one_account_refused(
+    ledger: Ledger, accounts: Accounts, account: str, bad: str, *, at_commit: bool
+) -> list[object]:
+    """Five Reserves on each of `account` and `bad` at once, while a trigger refuses every
+    reservation of `bad`: as it is inserted, or (`at_commit`) at COMMIT."""
     function = "refuse_" + "".join(c for c in accounts.prefix if c.isalnum())  # type: ignore[attr-defined]
-    engine = pg_ledger.engine
-    async with engine.begin() as conn:
+    trigger = (
+        f"CREATE CONSTRAINT TRIGGER {function} AFTER INSERT ON reservations "
+        "DEFERRABLE INITIALLY DEFERRED"
+        if at_commit
+        else f"CREATE TRIGGER {function} BEFORE INSERT ON reservations"
+    )
+    async with ledger.engine.begin() as conn:
         await conn.exec_driver_sql(
             f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             f"IF NEW.account_id = '{bad}' THEN RAISE EXCEPTION 'refused'; END IF; "
             "RETURN NEW; END $$"
         )
-        await conn.exec_driver_sql(
-            f"CREATE TRIGGER {function} BEFORE INSERT ON reservations "
-            f"FOR EACH ROW EXECUTE FUNCTION {function}()"
-        )
+        await conn.exec_driver_sql(f"{trigger} FOR EACH ROW EXECUTE FUNCTION {function}()")
     try:
-        results = await asyncio.gather(
+        return await asyncio.gather(
             *(
-                pg_ledger.reserve(ReserveCommand(a, "default", 1, f"k{i}"), CALLER)
+                ledger.reserve(ReserveCommand(a, "default", 1, f"k{i}"), CALLER)
                 for i in range(5)
                 for a in (account, bad)
             ),
             return_exceptions=True,
         )
     finally:
-        async with engine.begin() as conn:
+        async with ledger.engine.begin() as conn:
             await conn.exec_driver_sql(f"DROP TRIGGER {function} ON reservations")
             await conn.exec_driver_sql(f"DROP FUNCTION {function}()")
+
+
+@pytest.mark.batch_failures_expected
+async def test_a_failed_batch_hands_every_call_to_the_one_call_path(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    """A batch that fails (here: a trigger refuses one reservation of it) rolls back whole; each
+    call then runs alone, so only the refused one fails."""
+    account, bad = accounts("ok"), accounts("bad")
+    await fund(pg_ledger, account, 10)
+    await fund(pg_ledger, bad, 10)
+    results = await reserve_with_one_account_refused(
+        pg_ledger, accounts, account, bad, at_commit=False
+    )
     assert batcher(pg_ledger).counters.failed_batches >= 1
     good = [r for r in results if isinstance(r, ReservationResult)]
     assert len(good) == 5 and {r.reservation.account_id for r in good} == {account}
@@ -253,33 +275,12 @@ async def test_a_batch_whose_commit_fails_leaves_no_snapshot_in_the_cache(
     engine = create_engine(postgres_url)
     ledger = Ledger(engine, clock, LedgerSettings(), cache=LocalBalanceCache())
     account, bad = accounts("ok"), accounts("bad")
-    function = "refuse_at_commit_" + "".join(c for c in accounts.prefix if c.isalnum())  # type: ignore[attr-defined]
     try:
         await fund(ledger, account, 10)
         await fund(ledger, bad, 10)
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql(
-                f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF NEW.account_id = '{bad}' THEN RAISE EXCEPTION 'refused'; END IF; "
-                "RETURN NEW; END $$"
-            )
-            await conn.exec_driver_sql(
-                f"CREATE CONSTRAINT TRIGGER {function} AFTER INSERT ON reservations "
-                f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {function}()"
-            )
-        try:
-            results = await asyncio.gather(
-                *(
-                    ledger.reserve(ReserveCommand(a, "default", 1, f"k{i}"), CALLER)
-                    for i in range(5)
-                    for a in (account, bad)
-                ),
-                return_exceptions=True,
-            )
-        finally:
-            async with engine.begin() as conn:
-                await conn.exec_driver_sql(f"DROP TRIGGER {function} ON reservations")
-                await conn.exec_driver_sql(f"DROP FUNCTION {function}()")
+        results = await reserve_with_one_account_refused(
+            ledger, accounts, account, bad, at_commit=True
+        )
         assert batcher(ledger).counters.failed_batches >= 1
         assert sum(isinstance(r, ReservationResult) for r in results) == 5
         for wallet, available in ((bad, 10), (account, 5)):
@@ -296,13 +297,7 @@ async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_account
     stuck, free = accounts("stuck"), accounts("free")
     await fund(pg_ledger, stuck, 10)
     await fund(pg_ledger, free, 10)
-    blocker = await asyncpg.connect(
-        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    try:
-        holding = blocker.transaction()
-        await holding.start()
-        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", stuck)
+    async with holding_wallet(postgres_url, stuck) as holding:
         waiting = asyncio.ensure_future(
             pg_ledger.reserve(ReserveCommand(stuck, "default", 1, "s"), CALLER)
         )
@@ -313,8 +308,6 @@ async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_account
         assert result.reservation.amount == 1 and not waiting.done()
         await holding.rollback()
         assert (await waiting).reservation.amount == 1
-    finally:
-        await blocker.close()
 
 
 async def test_calls_queued_behind_a_running_batch_schedule_one_recheck_not_one_each(
@@ -334,13 +327,7 @@ async def test_calls_queued_behind_a_running_batch_schedule_one_recheck_not_one_
         return call_later(delay, callback, *args)
 
     monkeypatch.setattr(loop, "call_later", counting_call_later)
-    blocker = await asyncpg.connect(
-        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    try:
-        holding = blocker.transaction()
-        await holding.start()
-        await blocker.execute("SELECT 1 FROM wallets WHERE account_id = $1 FOR UPDATE", stuck)
+    async with holding_wallet(postgres_url, stuck) as holding:
         first = asyncio.ensure_future(
             pg_ledger.reserve(ReserveCommand(stuck, "default", 1, "first"), CALLER)
         )
@@ -354,8 +341,6 @@ async def test_calls_queued_behind_a_running_batch_schedule_one_recheck_not_one_
         await asyncio.sleep(0.1)  # past the stall: the queued calls went in a second batch
         await holding.rollback()
         results = await asyncio.gather(first, *queued)
-    finally:
-        await blocker.close()
     assert all(r.reservation.amount == 1 for r in results)
     assert batcher(pg_ledger).counters.batches == 2
     assert len(scheduled) == 1, scheduled
