@@ -146,6 +146,10 @@ async def test_rpc_latency_and_counts_are_served_by_method_and_code(
     )
     assert after.value("credits_health_serving") == 1
     assert after.value("credits_db_pool_size") >= 1
+    if database_url.startswith("postgres"):  # the Reserve above went in a batch
+        assert after.value("credits_db_batch_connections", state="open") >= 1
+    else:
+        assert not after.has("credits_db_batch_connections")
     assert after.has("process_resident_memory_bytes")
 
 

@@ -89,6 +89,7 @@ class CreditsApp:
             "redis" if config.redis_url else "local",
             self.engine,
             self.ledger.reserve_batcher,
+            self.ledger.batch_connections,
         )
         self.metrics_endpoint = MetricsEndpoint(self.metrics)
         self.metrics_port = 0

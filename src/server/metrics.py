@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from store.backlog import Backlog
+from store.batch_pool import BatchConnections
 from store.cache import BalanceCache
 from store.reserve_batch import ReserveBatcher
 
@@ -145,13 +146,14 @@ class ServerMetrics:
         cache_backend: str,
         engine: AsyncEngine,
         reserve_batcher: ReserveBatcher | None = None,
+        batch_connections: BatchConnections | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         for collector in (
             _RPC_COLLECTOR,
             _CacheCollector(cache, cache_backend),
             _ReserveBatchCollector(reserve_batcher),
-            _PoolCollector(engine),
+            _PoolCollector(engine, batch_connections),
             PROCESS_COLLECTOR,
             PLATFORM_COLLECTOR,
             GC_COLLECTOR,
@@ -317,26 +319,37 @@ class _ReserveBatchCollector(Collector):
 
 
 class _PoolCollector(Collector):
-    """Connections of the database pool, read at scrape time (two attribute reads)."""
+    """Database connections, read at scrape time: the pool's, and the group-commit batches'
+    own (store/batch_pool.py) when the server batches."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, batch_connections: BatchConnections | None) -> None:
         self._engine = engine
+        self._batch_connections = batch_connections
 
     def collect(self) -> Iterable[Metric]:
         pool = self._engine.pool
-        if not isinstance(pool, QueuePool):
-            return ()
-        in_use = GaugeMetricFamily(
-            "credits_db_pool_connections_in_use",
-            "Database connections checked out of this process's pool",
-            value=pool.checkedout(),
-        )
-        size = GaugeMetricFamily(
-            "credits_db_pool_size",
-            "Connections the pool keeps open (--db-pool-size); more open on overflow",
-            value=pool.size(),
-        )
-        return (in_use, size)
+        if isinstance(pool, QueuePool):
+            yield GaugeMetricFamily(
+                "credits_db_pool_connections_in_use",
+                "Database connections checked out of this process's pool",
+                value=pool.checkedout(),
+            )
+            yield GaugeMetricFamily(
+                "credits_db_pool_size",
+                "Connections the pool keeps open (--db-pool-size); more open on overflow",
+                value=pool.size(),
+            )
+        if self._batch_connections is not None:
+            opened, in_use = self._batch_connections.connections()
+            batch = GaugeMetricFamily(
+                "credits_db_batch_connections",
+                "Connections of the group-commit batches, beside the pool (at most "
+                "BATCH_CONNECTIONS_MAX): open, and in a batch's transaction",
+                labels=("state",),
+            )
+            batch.add_metric(("open",), opened)
+            batch.add_metric(("in_use",), in_use)
+            yield batch
 
 
 def split_listen(listen: str) -> tuple[str, int]:

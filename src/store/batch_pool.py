@@ -72,6 +72,13 @@ class BatchConnections:
         ):
             yield conn
 
+    def connections(self) -> tuple[int, int]:
+        """(open, in use) right now, for the metrics."""
+        if self._pool is None:
+            return 0, 0
+        opened = int(self._pool.get_size())
+        return opened, opened - int(self._pool.get_idle_size())
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
