@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import redis.asyncio as redis_asyncio
 from redis.asyncio.connection import AbstractConnection
@@ -108,7 +108,7 @@ class CacheCounters:
 class BalanceCache(Protocol):
     counters: CacheCounters
     # Whether this process holds copies of its own (put_wallets_local stores something).
-    keeps_local_copy: bool
+    keeps_local_copy: ClassVar[bool]
 
     async def get(
         self, account_id: str, credit_type: str
@@ -150,8 +150,8 @@ class LocalBalanceCache:
     """In-process snapshots (LRU-bounded) for when no Redis is configured, and the near copy
     in front of Redis. Held decoded: a hit builds nothing."""
 
+    keeps_local_copy: ClassVar[bool] = True
     counters: CacheCounters = field(default_factory=CacheCounters)
-    keeps_local_copy: bool = True
     entries_max: int = LOCAL_ENTRIES_MAX
     ttl_ms: int = LOCAL_SNAPSHOT_TTL_MS
     # key -> (snapshot, monotonic expiry in seconds)
@@ -355,6 +355,8 @@ class RedisBackoff:
 
 
 class RedisBalanceCache:
+    keeps_local_copy: ClassVar[bool] = False
+
     def __init__(
         self,
         url: str,
@@ -364,7 +366,6 @@ class RedisBalanceCache:
         ttl_ms: int = REDIS_SNAPSHOT_TTL_MS,
     ) -> None:
         self.counters = CacheCounters()
-        self.keeps_local_copy = False
         self.namespace = namespace
         self.ttl_ms = ttl_ms
         # A blocking pool: a burst of calls waits (at most the timeout) for one of a bounded
@@ -379,8 +380,7 @@ class RedisBalanceCache:
         )
         # No retries: retrying would multiply what a slow Redis costs; the database answers.
         self._client = redis_asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-        self._cas = self._client.register_script(_CAS_SCRIPT)
-        self._cas_many = PipelinedScript(self._client, _CAS_SCRIPT)
+        self._cas = PipelinedScript(self._client, _CAS_SCRIPT)
         self._backoff = RedisBackoff()
 
     def _available(self) -> bool:
@@ -416,28 +416,30 @@ class RedisBalanceCache:
             None if account is None else AccountSnapshot.decode(str(account)),
         )
 
-    async def _put(self, key: str, raw: str, version: int) -> None:
-        if not self._available():
+    def _cas_call(self, key: str, snapshot: Snapshot) -> ScriptCall:
+        return [key], [snapshot.version, snapshot.encode(), self.ttl_ms]
+
+    async def _store(self, calls: list[ScriptCall]) -> None:
+        """Compare-and-set of each call's snapshot, all in one round trip; counted, and never
+        failing the caller."""
+        if not calls or not self._available():
             return
         try:
-            stored = await self._cas(keys=[key], args=[version, raw, self.ttl_ms])
+            stored = await self._cas.run(calls)
         except Exception as error:  # noqa: BLE001 - any cache failure falls back to the database
             self._failed("write", error)
             return
-        if stored:
-            self.counters.writes += 1
-        else:
-            self.counters.writes_refused_as_older += 1
+        written = sum(1 for s in stored if s)
+        self.counters.writes += written
+        self.counters.writes_refused_as_older += len(stored) - written
 
     async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:
-        await self._put(
-            wallet_key(self.namespace, account_id, credit_type), snapshot.encode(), snapshot.version
+        await self._store(
+            [self._cas_call(wallet_key(self.namespace, account_id, credit_type), snapshot)]
         )
 
     async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
-        await self._put(
-            account_key(self.namespace, account_id), snapshot.encode(), snapshot.version
-        )
+        await self._store([self._cas_call(account_key(self.namespace, account_id), snapshot)])
 
     def get_local(
         self, account_id: str, credit_type: str, now_us: int
@@ -454,26 +456,15 @@ class RedisBalanceCache:
 
     async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         """Many wallets in one round trip (a reserve batch's wallets), each compare-and-set."""
-        if not snapshots or not self._available():
-            return
-        calls: list[ScriptCall] = [
-            (
-                [wallet_key(self.namespace, account_id, credit_type)],
-                [snapshot.version, snapshot.encode(), self.ttl_ms],
-            )
-            for account_id, credit_type, snapshot in snapshots
-        ]
-        try:
-            stored = await self._cas_many.run(calls)
-        except Exception as error:  # noqa: BLE001 - any cache failure falls back to the database
-            self._failed("write", error)
-            return
-        written = sum(1 for s in stored if s)
-        self.counters.writes += written
-        self.counters.writes_refused_as_older += len(stored) - written
+        await self._store(
+            [
+                self._cas_call(wallet_key(self.namespace, account_id, credit_type), snapshot)
+                for account_id, credit_type, snapshot in snapshots
+            ]
+        )
 
     async def close(self) -> None:
-        await self._cas_many.close()
+        await self._cas.close()
         await self._client.aclose()
 
 
@@ -493,12 +484,13 @@ class LayeredBalanceCache:
     Both layers compare versions, so neither ever goes back to an older snapshot.
     """
 
+    keeps_local_copy: ClassVar[bool] = True
+
     def __init__(self, shared: BalanceCache, near_ttl_ms: int) -> None:
         assert 0 < near_ttl_ms <= NEAR_SNAPSHOT_TTL_MS_MAX
         self.shared = shared
         self.near = LocalBalanceCache(ttl_ms=near_ttl_ms)
         self.counters = shared.counters
-        self.keeps_local_copy = True
 
     async def get(
         self, account_id: str, credit_type: str
