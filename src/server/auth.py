@@ -56,10 +56,14 @@ def _invalid(message: str) -> AuthFailure:
     return AuthFailure(unauthenticated("CREDENTIAL_INVALID", message))
 
 
+def authorization_headers(metadata: Iterable[tuple[str, str | bytes]]) -> list[str | bytes]:
+    return [value for key, value in metadata if key == AUTHORIZATION_HEADER]
+
+
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     """The token of the call's `authorization: Bearer <token>` header; None when there is none.
     The messages never quote the header: it may be a real secret sent in the wrong shape."""
-    values = [value for key, value in metadata if key == AUTHORIZATION_HEADER]
+    values = authorization_headers(metadata)
     if not values:
         return None
     if len(values) > 1:
@@ -125,6 +129,41 @@ class _TtlCache:
         self._entries[key] = (now + self.ttl_seconds if expires_at is None else expires_at, caller)
 
 
+def _refusal(method: str, caller: CallerRecord, account_id: object) -> AuthFailure | None:
+    """Why this caller may not make this call on this account, or None when it may."""
+    # An RPC missing from the table needs the widest scope: a new RPC is closed by default.
+    scope = METHOD_SCOPES.get(method, Scope.ADMIN)
+    if scope not in caller.scopes:
+        held = ", ".join(sorted(caller.scopes)) or "none"
+        return AuthFailure(
+            permission_denied(
+                "SCOPE_MISSING",
+                f"{method} needs scope {scope}, which caller {caller.name!r} does not hold "
+                f"(it holds: {held}); an administrator can grant it with `credits-server "
+                f"callers grant {caller.name} --scope {scope}`",
+                {"caller": caller.name, "method": method, "scope": scope.value},
+            )
+        )
+    # An undecodable request has no account; it is refused as INVALID_ARGUMENT next.
+    if isinstance(account_id, str) and not caller.may_use_account(account_id):
+        prefixes = ", ".join(repr(p) for p in caller.account_prefixes)
+        shown = account_id[: limits.ACCOUNT_ID_LENGTH_MAX]
+        return AuthFailure(
+            permission_denied(
+                "ACCOUNT_NOT_ALLOWED",
+                f"caller {caller.name!r} may only use accounts starting with {prefixes}; "
+                f"account {shown!r} does not. Use an account under those prefixes, or ask "
+                "an administrator to widen them (`credits-server callers restrict`)",
+                {
+                    "caller": caller.name,
+                    "account_id": shown,
+                    "account_prefixes": ",".join(caller.account_prefixes),
+                },
+            )
+        )
+    return None
+
+
 class Authenticator:
     def __init__(
         self,
@@ -157,36 +196,9 @@ class Authenticator:
             if known is not None:
                 return known
         caller = await self.authenticate(context, metadata)
-        # An RPC missing from the table needs the widest scope: a new RPC is closed by default.
-        scope = METHOD_SCOPES.get(method, Scope.ADMIN)
-        if scope not in caller.scopes:
-            held = ", ".join(sorted(caller.scopes)) or "none"
-            raise AuthFailure(
-                permission_denied(
-                    "SCOPE_MISSING",
-                    f"{method} needs scope {scope}, which caller {caller.name!r} does not hold "
-                    f"(it holds: {held}); an administrator can grant it with `credits-server "
-                    f"callers grant {caller.name} --scope {scope}`",
-                    {"caller": caller.name, "method": method, "scope": scope.value},
-                )
-            )
-        # An undecodable request has no account; it is refused as INVALID_ARGUMENT next.
-        if isinstance(account_id, str) and not caller.may_use_account(account_id):
-            prefixes = ", ".join(repr(p) for p in caller.account_prefixes)
-            shown = account_id[: limits.ACCOUNT_ID_LENGTH_MAX]
-            raise AuthFailure(
-                permission_denied(
-                    "ACCOUNT_NOT_ALLOWED",
-                    f"caller {caller.name!r} may only use accounts starting with {prefixes}; "
-                    f"account {shown!r} does not. Use an account under those prefixes, or ask "
-                    "an administrator to widen them (`credits-server callers restrict`)",
-                    {
-                        "caller": caller.name,
-                        "account_id": shown,
-                        "account_prefixes": ",".join(caller.account_prefixes),
-                    },
-                )
-            )
+        refusal = _refusal(method, caller, account_id)
+        if refusal is not None:
+            raise refusal
         return caller
 
     def authorize_in_memory(
@@ -194,24 +206,13 @@ class Authenticator:
     ) -> CallerRecord | None:
         """authorize() when its answer is a yes already known in memory, without awaiting;
         None means "ask authorize()", which gives the full answer (and any error)."""
-        header: str | bytes | None = None
-        for key, value in metadata:
-            if key == AUTHORIZATION_HEADER:
-                if header is not None:
-                    return None  # two of them: authorize() says why that is refused
-                header = value
-        if not isinstance(header, str):
+        headers = authorization_headers(metadata)
+        if len(headers) != 1 or not isinstance(headers[0], str):
+            return None  # none, several or binary: authorize() says what is wrong
+        found, caller = self._by_header.get((headers[0],))
+        if not found or caller is None or not caller.active:
             return None
-        found, caller = self._by_header.get((header,))
-        if (
-            not found
-            or caller is None
-            or not caller.active
-            or METHOD_SCOPES.get(method, Scope.ADMIN) not in caller.scopes
-            or not caller.may_use_account(account_id)
-        ):
-            return None
-        return caller
+        return caller if _refusal(method, caller, account_id) is None else None
 
     async def authenticate(
         self, context: Context, metadata: Sequence[tuple[str, str | bytes]] | None = None
@@ -232,8 +233,8 @@ class Authenticator:
                 )
             expires_at = self._cache.expires_at(("token", digest))
             if expires_at is not None:
-                header = next(v for k, v in metadata if k == AUTHORIZATION_HEADER)
-                self._by_header.put((str(header),), caller, expires_at)
+                # bearer_token accepted exactly one header, a str.
+                self._by_header.put((str(authorization_headers(metadata)[0]),), caller, expires_at)
         else:
             identities = certificate_identities(context)
             if not identities:
