@@ -726,7 +726,10 @@ class Bench:
         py_spy = BIN / "py-spy"
         if not py_spy.exists() or server.name != "server":
             return None
-        out = RESULTS / "profiles" / f"{name}.svg"
+        # BENCH_PROFILE_FORMAT=raw: collapsed stacks (one line per stack, with its sample count)
+        # instead of a flame graph, for counting where the time goes with grep and sort.
+        raw = os.environ.get("BENCH_PROFILE_FORMAT") == "raw"
+        out = RESULTS / "profiles" / (f"{name}.txt" if raw else f"{name}.svg")
         out.parent.mkdir(parents=True, exist_ok=True)
         delay = load.warmup + (1.5 if load.generator == "h2gen" else 0)
 
@@ -734,7 +737,7 @@ class Bench:
             await asyncio.sleep(delay)
             process = await asyncio.create_subprocess_exec(
                 str(py_spy), "record", "--nonblocking", "-d", str(int(load.duration)),
-                "-p", str(server.pid), "-o", str(out),
+                "-p", str(server.pid), "-o", str(out), *(["--format", "raw"] if raw else []),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
             await process.wait()

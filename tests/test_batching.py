@@ -195,6 +195,62 @@ async def test_failures_are_decided_in_the_batch_and_stored_under_their_keys(
         await pg_ledger.reserve(ReserveCommand(short, "default", 4, "k"), CALLER)
 
 
+async def meanwhile(
+    monkeypatch: pytest.MonkeyPatch, ledger: Ledger, change: Callable[[], Any]
+) -> None:
+    """Runs `change` (and commits it) in the next batch between its read and its write."""
+    reserves = batcher(ledger)
+    write = reserves._decide_and_write_guarded
+
+    async def after_the_read(*args: Any) -> Any:
+        monkeypatch.setattr(reserves, "_decide_and_write_guarded", write)
+        await change()
+        return await write(*args)
+
+    monkeypatch.setattr(reserves, "_decide_and_write_guarded", after_the_read)
+
+
+async def test_a_wallet_that_moved_after_the_batch_read_it_is_decided_again_under_its_lock(
+    pg_ledger: Ledger, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch decided on a wallet of 5; a grant of 10 landed before its write. The write
+    leaves that wallet alone (its sequence moved), and the locking path decides again on 15."""
+    account = accounts("moved")
+    await fund(pg_ledger, account, 5)
+    await meanwhile(monkeypatch, pg_ledger, lambda: fund(pg_ledger, account, 10, "meanwhile"))
+    result = await pg_ledger.reserve(ReserveCommand(account, "default", 3, "r"), CALLER)
+    assert (result.entry.sequence, result.entry.available_after) == (3, 12)
+    counters = batcher(pg_ledger).counters
+    assert (counters.lost_compare_and_set, counters.handed_back) == (1, 0)
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (12, 3)
+
+
+async def test_a_key_stored_after_the_batch_read_it_is_answered_from_what_was_stored(
+    pg_ledger: Ledger, clock: ManualClock, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same Reserve sent twice at once, one copy through another replica that settled it
+    between this batch's read and its write: the write fails whole on the key, and the call gets
+    the stored outcome."""
+    account = accounts("twice")
+    await fund(pg_ledger, account, 5)
+    command = ReserveCommand(account, "default", 8, "same")  # more than there is: no wallet moves
+    elsewhere = Ledger(pg_ledger.engine, clock, LedgerSettings(batch_writes=False))
+    stored: list[str] = []
+
+    async def other_replica() -> None:
+        stored.append(await outcome(elsewhere, account, 8, "same"))
+
+    await meanwhile(monkeypatch, pg_ledger, other_replica)
+    with pytest.raises(InsufficientCredits):
+        await pg_ledger.reserve(command, CALLER)
+    assert stored == ["INSUFFICIENT_CREDITS"]
+    counters = batcher(pg_ledger).counters
+    assert (counters.lost_compare_and_set, counters.handed_back) == (1, 1)
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (5, 0)
+
+
 async def test_a_caller_that_gave_up_before_its_turn_leaves_nothing_and_its_key_free(
     pg_ledger: Ledger, postgres_url: str, accounts: Accounts
 ) -> None:
@@ -308,6 +364,8 @@ async def test_a_batch_stuck_behind_a_held_wallet_does_not_hold_up_other_account
         assert result.reservation.amount == 1 and not waiting.done()
         await holding.rollback()
         assert (await waiting).reservation.amount == 1
+    # The held wallet was skipped by the write without locks and waited for on the locking path.
+    assert batcher(pg_ledger).counters.lost_compare_and_set == 1
 
 
 async def test_calls_queued_behind_a_running_batch_schedule_one_recheck_not_one_each(

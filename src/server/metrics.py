@@ -315,7 +315,13 @@ class _ReserveBatchCollector(Collector):
             "Calls the batch left to the one-call path: replayed keys, duplicates, failed batches",
         )
         handed_back.add_metric((), counters.handed_back)
-        return (batches, requests, failed, handed_back)
+        locking = CounterMetricFamily(
+            "credits_reserve_batch_locking_retries",
+            "Batches that found a wallet moved or held since their read and settled its calls "
+            "on the locking path (contention on a wallet from elsewhere)",
+        )
+        locking.add_metric((), counters.lost_compare_and_set)
+        return (batches, requests, failed, handed_back, locking)
 
 
 class _PoolCollector(Collector):

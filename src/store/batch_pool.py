@@ -63,13 +63,16 @@ class BatchConnections:
             return self._pool
 
     @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A connection outside any transaction: each statement commits on its own."""
+        pool = self._pool or await self._open()
+        async with pool.acquire(timeout=self.settings.checkout_timeout_seconds) as conn:
+            yield conn
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
         """A connection inside a READ COMMITTED transaction; commits when the block ends."""
-        pool = self._pool or await self._open()
-        async with (
-            pool.acquire(timeout=self.settings.checkout_timeout_seconds) as conn,
-            conn.transaction(isolation="read_committed"),
-        ):
+        async with self.connection() as conn, conn.transaction(isolation="read_committed"):
             yield conn
 
     def connections(self) -> tuple[int, int]:

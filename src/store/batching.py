@@ -19,7 +19,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from store import limits
@@ -74,6 +74,20 @@ class Waiting(Generic[RequestT, OutcomeT]):
 
 
 @dataclass
+class Settled(Generic[OutcomeT]):
+    """What a batch has committed: each settled call's outcome (by arrival) and the wallet
+    snapshots to publish. Only what is on disk goes in, so a batch that fails half-way still
+    answers from what it committed and hands only the rest back."""
+
+    outcomes: dict[int, OutcomeT] = field(default_factory=dict)
+    published: list[Published] = field(default_factory=list)
+
+    def add(self, outcomes: dict[int, OutcomeT], published: Sequence[Published]) -> None:
+        self.outcomes.update(outcomes)
+        self.published.extend(published)
+
+
+@dataclass
 class BatchCounters:
     batches: int = 0
     requests: int = 0
@@ -82,6 +96,9 @@ class BatchCounters:
     failed_batches: int = 0
     # Requests sent to the one-call path: what a batch does not decide, and failed batches.
     handed_back: int = 0
+    # Batches that wrote without locks and found a wallet moved or held since their read (or
+    # a key taken): those calls went the batch's locking path.
+    lost_compare_and_set: int = 0
 
 
 class Batcher(ABC, Generic[RequestT, OutcomeT]):
@@ -193,23 +210,46 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
                 waiting.future.set_exception(refusal)
         return admitted
 
-    async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
-        # The rate check (a Redis round trip) runs while the transaction opens (a Postgres
-        # round trip or two): a lone call waits for the slower of them, not for both.
-        admitting = asyncio.ensure_future(self._admit(batch)) if self.admission else None
+    async def settle(
+        self,
+        batch: list[Waiting[RequestT, OutcomeT]],
+        admitting: asyncio.Future[list[Waiting[RequestT, OutcomeT]]] | None,
+        settled: Settled[OutcomeT],
+    ) -> None:
+        """Runs the batch: decides the calls `admitting` lets through (all when it is None),
+        commits their changes and adds them to `settled` once committed. It calls
+        `leave_flight` once no more than a COMMIT is left to wait for.
+
+        By default one transaction: BEGIN while the rate check runs, `decide`, COMMIT."""
         decided: dict[int, OutcomeT] = {}
-        published: list[Published] = []
+        async with self.connections.transaction() as conn:
+            batch = await self.admitted(batch, admitting)
+            published = await self.decide(conn, batch, decided) if batch else []
+            # Only COMMIT is left: the next batch may open its transaction while this one's
+            # fsync runs (on a wallet this one locked, it waits for the COMMIT).
+            self.leave_flight()
+        settled.add(decided, published)
+
+    async def admitted(
+        self,
+        batch: list[Waiting[RequestT, OutcomeT]],
+        admitting: asyncio.Future[list[Waiting[RequestT, OutcomeT]]] | None,
+    ) -> list[Waiting[RequestT, OutcomeT]]:
+        """The calls of `batch` that the rate check let through (it answered the others)."""
+        if admitting is not None:
+            batch = await admitting
+        if batch:
+            self._count(batch)
+        return batch
+
+    async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
+        # The rate check (a Redis round trip) runs beside the batch's first round trip to
+        # Postgres: a lone call waits for the slower of them, not for both.
+        admitting = asyncio.ensure_future(self._admit(batch)) if self.admission else None
+        settled: Settled[OutcomeT] = Settled()
         try:
             async with asyncio.timeout(limits.BATCH_TIMEOUT_SECONDS):
-                async with self.connections.transaction() as conn:
-                    if admitting is not None:
-                        batch = await admitting
-                    if batch:
-                        self._count(batch)
-                        published = await self.decide(conn, batch, decided)
-                    # Only COMMIT is left: the next batch may open its transaction while this
-                    # one's fsync runs (on a wallet this one locked, it waits for the COMMIT).
-                    self._leave_flight()
+                await self.settle(batch, admitting, settled)
         except Exception:
             if admitting is not None:
                 # Refusals hold on the one-call path too (_admit itself never raises).
@@ -221,24 +261,24 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
                 len(batch),
                 exc_info=True,
             )
-            decided.clear()
-            # Computed before a COMMIT that failed: these snapshots never became true.
-            published = []
-        self._leave_flight()  # a failed batch had not
+            # `settled` holds only what was committed before the failure: those calls are
+            # answered, the others go one by one.
+        self.leave_flight()  # a failed batch had not
+        published = settled.published
         if published:
             self.publish.local(published)
             if self.publish.shared_first:
                 await self.publish.shared(published)
         for waiting in batch:
             if not waiting.future.done():
-                outcome = decided.get(waiting.arrival)
+                outcome = settled.outcomes.get(waiting.arrival)
                 if outcome is None:
                     self.counters.handed_back += 1
                 waiting.future.set_result(outcome)
         if published and not self.publish.shared_first:
             await self.publish.shared(published)
 
-    def _leave_flight(self) -> None:
+    def leave_flight(self) -> None:
         """This batch no longer counts against batches_in_flight_max: start the next."""
         current = asyncio.current_task()
         if current is not None and self._tasks.pop(current, None) is not None:

@@ -1,31 +1,50 @@
-"""Reserve on Postgres, many requests per transaction (group commit).
+"""Reserve on Postgres, many requests per batch (group commit).
 
-Concurrent Reserve calls queue here; each batch is one transaction of five round trips whatever
-its size: BEGIN, claim the idempotency keys and lock the wallets (sorted: one lock order, no
-deadlock between batches), read their grants and account status, write everything in one
-multi-row statement, COMMIT. One fsync then covers the whole batch, and a hot wallet is locked
-once per batch instead of once per call, so throughput grows with load instead of collapsing on
-one row lock.
+Concurrent Reserve calls queue here, and a batch settles them in two round trips whatever its
+size, neither of them inside an open transaction:
+
+1. one read of everything the decisions need, from one snapshot: the wallets (sequence and
+   reserved total), their grants, the accounts' status, and which of the keys are taken;
+2. one statement that writes every decision and commits on its own. It locks each wallet it
+   changes only if the wallet is still at the sequence the read saw (compare and set) and no
+   other transaction holds it (SKIP LOCKED), and writes that wallet's grants, reservations,
+   journal entries and stored outcomes only if it got the lock.
+
+The compare and set is sound because every change to a wallet's grants advances the wallet's
+sequence in the same transaction (every change writes a journal entry, ledger.py `_journal`
+and the batches): a wallet at the sequence read has the grants read. One fsync covers the
+batch, and a hot wallet is written once per batch instead of once per call.
+
+A wallet that moved or was held meanwhile loses the compare and set, and its calls go to the
+locking path: one transaction that claims the keys and locks the wallets (sorted: one lock order,
+no deadlock between batches), reads their grants and status, and writes everything in one
+multi-row statement, waiting for a held wallet as long as it must. A key taken meanwhile (the
+same key sent twice at once) or a lock cycle fails the statement whole, and every call of the
+batch goes to the locking path.
 
 The decisions are the same as the one-call path in ledger.py, taken in arrival order on an
 in-memory copy of each wallet: the same burn-down (`allocate`), the same journal entry, the same
-stored outcome. Whatever the batch cannot decide alone goes back to that path: a key already
-claimed (a replay, or the same key twice in one batch) and every request of a batch whose
-transaction failed. That path reads the stored outcome or claims the key afresh, so a batch
-that died before, during or after COMMIT never doubles an effect.
+stored outcome. Whatever a batch cannot decide goes back to that path: a key already stored (a
+replay, or the same key twice in one batch) and every call of a batch that failed. That path
+reads the stored outcome or claims the key afresh, so a batch that died before, during or after
+its commit never doubles an effect.
 
-A caller whose deadline passed before its turn is decided is left out, and its claimed key is
-deleted in the same transaction: nothing happened, and the key stays free for a retry.
+A caller whose deadline passed before its turn is decided is left out: nothing of it is written
+(on the locking path its claimed key is deleted in the same transaction), and the key stays free
+for a retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]  # no stubs; connections are typed Any here
+
 from store import codec
-from store.batching import AdmissionCall, Batcher, Published, Waiting, columns
+from store.batching import AdmissionCall, Batcher, Published, Settled, Waiting, columns
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
 from store.errors import AccountLocked, BusinessFailure, InsufficientCredits
@@ -42,6 +61,113 @@ from store.model import (
 )
 
 ReserveOutcome = ReservationResult | BusinessFailure
+
+# ---- the batch: one read, one self-committing write ---------------------------------------------
+
+# One snapshot: each wallet's sequence and reserved total with its grants as of that sequence,
+# the accounts' status, and the keys already stored. No lock is taken.
+_SNAPSHOT_SQL = """
+SELECT false AS is_key, t.a, t.c, acc.status, g.grant_id, g.priority, g.effective_at_us,
+       g.expires_at_us, g.remaining, w.last_sequence, w.reserved
+FROM unnest($1::text[], $2::text[]) AS t(a, c)
+LEFT JOIN accounts acc ON acc.account_id = t.a
+LEFT JOIN wallets w ON w.account_id = t.a AND w.credit_type = t.c
+LEFT JOIN grants g ON g.account_id = t.a AND g.credit_type = t.c AND g.remaining > 0
+UNION ALL
+SELECT true, k.account_id, k.idempotency_key, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM idempotency_keys k
+JOIN unnest($3::text[], $4::text[]) AS u(a, k) ON k.account_id = u.a AND k.idempotency_key = u.k
+"""
+
+# Commits on its own. `locked` takes each changed wallet that is still at the sequence read
+# ($3) and that no one holds, sorted (LockRows runs above the sort); FOR UPDATE rechecks the
+# sequence on the newest row version. Everything else of a wallet is written only if `w`
+# returned it. Outcomes of wallets the batch did not change (refusals only) need no lock:
+# they were decided on a consistent snapshot. credits_assert (migration 0005) fails the
+# statement, so nothing is written, if a grant the decisions spent was not where they read it.
+_GUARDED_WRITE_SQL = """
+WITH
+locked AS (
+    SELECT w.account_id AS a, w.credit_type AS c, d.seq, d.resv
+    FROM wallets w
+    JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+         AS d(a, c, old, seq, resv)
+      ON w.account_id = d.a AND w.credit_type = d.c
+    WHERE w.last_sequence = d.old
+    ORDER BY w.account_id, w.credit_type
+    FOR UPDATE OF w SKIP LOCKED
+),
+w AS (
+    UPDATE wallets SET last_sequence = l.seq, reserved = l.resv
+    FROM locked l
+    WHERE wallets.account_id = l.a AND wallets.credit_type = l.c
+    RETURNING wallets.account_id AS a, wallets.credit_type AS c
+),
+g AS (
+    UPDATE grants SET remaining = grants.remaining + d.dr, held = grants.held + d.dh
+    FROM unnest($6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[])
+         AS d(a, c, gid, dr, dh)
+    JOIN w ON w.a = d.a AND w.c = d.c
+    WHERE grants.account_id = d.a AND grants.grant_id = d.gid
+    RETURNING 1
+),
+r AS (
+    INSERT INTO reservations (
+        account_id, reservation_id, credit_type, amount, status, created_at_us, expires_at_us,
+        resolved_at_us, amount_committed, amount_released, amount_expired, action, request_id,
+        metadata_json, idempotency_key, reserve_sequence, resolution_sequence)
+    SELECT t.a, t.rid, t.c, t.amt, 'pending', $11, t.exp, NULL, 0, 0, 0, t.act, t.req, t.meta,
+           t.k, t.seq, NULL
+    FROM unnest($12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[], $17::text[],
+                $18::text[], $19::text[], $20::text[], $21::bigint[])
+         AS t(a, rid, c, amt, exp, act, req, meta, k, seq)
+    JOIN w ON w.a = t.a AND w.c = t.c
+    RETURNING 1
+),
+s AS (
+    INSERT INTO reservation_slices (account_id, reservation_id, grant_id, amount)
+    SELECT t.a, t.rid, t.gid, t.amt
+    FROM unnest($22::text[], $23::text[], $24::text[], $25::text[], $26::bigint[])
+         AS t(a, c, rid, gid, amt)
+    JOIN w ON w.a = t.a AND w.c = t.c
+    RETURNING 1
+),
+j AS (
+    INSERT INTO journal (
+        account_id, credit_type, sequence, kind, amount, available_after, reserved_after,
+        grant_id, reservation_id, idempotency_key, principal, action, request_id, created_at_us,
+        grant_effects_json)
+    SELECT t.a, t.c, t.seq, 'reserve', t.amt, t.avail, t.resv, '', t.rid, t.k, t.p, t.act,
+           t.req, $11, t.fx
+    FROM unnest($12::text[], $14::text[], $21::bigint[], $27::bigint[], $28::bigint[],
+                $29::bigint[], $13::text[], $20::text[], $30::text[], $17::text[], $18::text[],
+                $31::text[])
+         AS t(a, c, seq, amt, avail, resv, rid, k, p, act, req, fx)
+    JOIN w ON w.a = t.a AND w.c = t.c
+    RETURNING 1
+),
+k AS (
+    INSERT INTO idempotency_keys
+        (account_id, idempotency_key, operation, request_json, outcome_json, created_at_us)
+    SELECT t.a, t.k, 'reserve', t.r, t.o, $11
+    FROM unnest($32::text[], $33::text[], $34::text[], $35::text[], $36::text[],
+                $37::boolean[]) AS t(a, c, k, r, o, guarded)
+    LEFT JOIN w ON w.a = t.a AND w.c = t.c
+    WHERE NOT t.guarded OR w.a IS NOT NULL
+    RETURNING 1
+)
+SELECT
+    credits_assert(
+        (SELECT count(*) FROM g) = (
+            SELECT count(*) FROM unnest($6::text[], $7::text[]) AS e(a, c)
+            JOIN w ON w.a = e.a AND w.c = e.c)
+        AND (SELECT count(*) FROM j) = (SELECT count(*) FROM r),
+        'a Reserve batch spent a grant that was not where it read it'),
+    (SELECT array_agg(a) FROM w), (SELECT array_agg(c) FROM w),
+    (SELECT count(*) FROM r), (SELECT count(*) FROM s), (SELECT count(*) FROM k)
+"""
+
+# ---- the locking path: what the batch could not settle --------------------------------------
 
 # Claims the keys and locks the wallets in one round trip. Wallets are locked sorted (LockRows
 # runs above the sort), so batches never deadlock on wallets. The two parts of one statement run
@@ -160,17 +286,37 @@ class _Wallet:
     # False when the wallet has no row yet (never granted): nothing to spend or lock.
     exists: bool = True
     changed: bool = False
+    # The sequence it was read at: the compare-and-set's expected value.
+    first_sequence: int = 0
+
+    def __post_init__(self) -> None:
+        self.first_sequence = self.last_sequence
 
 
 @dataclass
 class _Writes:
-    """The rows of one batch, column by column (the statement unnests them)."""
+    """The rows of one batch (the statements unnest them column by column)."""
 
-    grant_deltas: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # (account, credit type, grant) -> [remaining delta, held delta]
+    grant_deltas: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
     reservations: list[tuple[Any, ...]] = field(default_factory=list)
-    slices: list[tuple[str, str, str, int]] = field(default_factory=list)
-    outcomes: list[tuple[str, str, str]] = field(default_factory=list)
+    # (account, credit type, reservation, grant, amount)
+    slices: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+    # (account, credit type, key, request JSON, outcome JSON)
+    outcomes: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     unclaimed: list[tuple[str, str]] = field(default_factory=list)
+
+    def add_outcome(self, request: _Request, outcome: ReserveOutcome) -> None:
+        cmd = request.request.cmd
+        self.outcomes.append(
+            (
+                cmd.account_id,
+                cmd.credit_type,
+                cmd.idempotency_key,
+                request.request.request_json,
+                codec.outcome_to_json(outcome),
+            )
+        )
 
 
 class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
@@ -184,15 +330,104 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         cmd = request.cmd
         return AdmissionCall(request.caller.principal, "Reserve", cmd.account_id, cmd.amount)
 
+    async def settle(
+        self,
+        batch: list[_Request],
+        admitting: asyncio.Future[list[_Request]] | None,
+        settled: Settled[ReserveOutcome],
+    ) -> None:
+        requests = _first_per_key(batch)
+        wallet_keys = sorted(
+            {(r.request.cmd.account_id, r.request.cmd.credit_type) for r in requests}
+        )
+        async with self.connections.connection() as conn:
+            # The read runs beside the rate check; both are needed before deciding.
+            state = await conn.fetch(
+                _SNAPSHOT_SQL,
+                [a for a, _ in wallet_keys],
+                [c for _, c in wallet_keys],
+                [r.request.cmd.account_id for r in requests],
+                [r.request.cmd.idempotency_key for r in requests],
+            )
+            admitted = {waiting.arrival for waiting in await self.admitted(batch, admitting)}
+            # The decision instant: after the read, whose snapshot it decides on.
+            now_us = self.clock.now_us()
+            wallets, stored = _load_snapshot(state, now_us)
+            mine = [
+                r
+                for r in requests
+                if r.arrival in admitted
+                and (r.request.cmd.account_id, r.request.cmd.idempotency_key) not in stored
+            ]
+            try:
+                lost = await self._decide_and_write_guarded(conn, mine, wallets, now_us, settled)
+            except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+                # A key taken since the read, or a lock cycle with another transaction: the
+                # statement wrote nothing.
+                self.counters.lost_compare_and_set += 1
+                lost = mine
+            if not lost:
+                self.leave_flight()
+                return
+            # The locking path, in flight until its COMMIT: a batch waiting here on a held
+            # wallet holds a connection, and at most batches_in_flight_max do.
+            decided: dict[int, ReserveOutcome] = {}
+            async with conn.transaction(isolation="read_committed"):
+                published = await self._decide_and_write(conn, lost, decided)
+                self.leave_flight()
+            settled.add(decided, published)
+
     async def decide(
         self, conn: Any, batch: list[_Request], decided: dict[int, ReserveOutcome]
     ) -> list[Published]:
-        # The same key twice in one batch: the first decides, the others replay it after.
-        unique: dict[tuple[str, str], _Request] = {}
-        for waiting in batch:
-            call = waiting.request
-            unique.setdefault((call.cmd.account_id, call.cmd.idempotency_key), waiting)
-        return await self._decide_and_write(conn, list(unique.values()), decided)
+        """The locking path alone, for a whole batch (settle uses it for what it could not
+        write without locks)."""
+        return await self._decide_and_write(conn, _first_per_key(batch), decided)
+
+    async def _decide_and_write_guarded(
+        self,
+        conn: Any,
+        requests: list[_Request],
+        wallets: dict[tuple[str, str], _Wallet],
+        now_us: int,
+        settled: Settled[ReserveOutcome],
+    ) -> list[_Request]:
+        """Decides `requests` on the snapshot read and writes them in one statement that
+        commits; adds what it committed to `settled` and returns the requests of the wallets
+        that moved or were held since the read (nothing of theirs was written)."""
+        writes = _Writes()
+        decided: dict[int, ReserveOutcome] = {}
+        for request in sorted(requests, key=lambda r: r.arrival):
+            cmd = request.request.cmd
+            if request.future.done():  # the caller's deadline passed: nothing of it is written
+                continue
+            wallet = wallets.get((cmd.account_id, cmd.credit_type))
+            status = None if wallet is None else wallet.status
+            outcome = _decide(request, wallet, status, now_us, writes)
+            decided[request.arrival] = outcome
+            writes.add_outcome(request, outcome)
+        changed = {key: wallet for key, wallet in wallets.items() if wallet.changed}
+        if not writes.outcomes:
+            return []
+        written = await _write_guarded(conn, now_us, writes, changed)
+        lost_wallets = changed.keys() - written
+        if lost_wallets:
+            self.counters.lost_compare_and_set += 1
+        lost = []
+        for request in requests:
+            cmd = request.request.cmd
+            if (cmd.account_id, cmd.credit_type) in lost_wallets:
+                decided.pop(request.arrival, None)
+                lost.append(request)
+        settled.add(
+            decided,
+            [
+                (a, c, _snapshot(wallet, now_us))
+                for (a, c), wallet in changed.items()
+                if (a, c) in written
+            ],
+        )
+        return lost
 
     async def _decide_and_write(
         self, conn: Any, requests: list[_Request], decided: dict[int, ReserveOutcome]
@@ -243,9 +478,7 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
             wallet = wallets.get((cmd.account_id, cmd.credit_type))
             outcome = _decide(request, wallet, statuses.get(cmd.account_id), now_us, writes)
             decided[request.arrival] = outcome
-            writes.outcomes.append(
-                (cmd.account_id, cmd.idempotency_key, codec.outcome_to_json(outcome))
-            )
+            writes.add_outcome(request, outcome)
         published: list[Published] = []
         for (account_id, credit_type), wallet in wallets.items():
             if wallet.changed:
@@ -256,6 +489,33 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
                 )
         await _write(conn, now_us, writes, wallet_rows)
         return published
+
+
+def _first_per_key(batch: list[_Request]) -> list[_Request]:
+    """The same key twice in one batch: the first decides, the others replay it after (the
+    one-call path reads its stored outcome)."""
+    unique: dict[tuple[str, str], _Request] = {}
+    for waiting in batch:
+        call = waiting.request
+        unique.setdefault((call.cmd.account_id, call.cmd.idempotency_key), waiting)
+    return list(unique.values())
+
+
+def _load_snapshot(
+    state: Sequence[Any], now_us: int
+) -> tuple[dict[tuple[str, str], _Wallet], set[tuple[str, str]]]:
+    """_SNAPSHOT_SQL's rows as wallets, and the (account, key) pairs already stored."""
+    read_rows = []
+    versions: dict[tuple[str, str], tuple[int, int]] = {}
+    stored: set[tuple[str, str]] = set()
+    for row in state:
+        if row[0]:
+            stored.add((row[1], row[2]))
+            continue
+        read_rows.append(row[1:9])
+        if row[9] is not None:
+            versions[(row[1], row[2])] = (row[9], row[10])
+    return _load_wallets(read_rows, versions, now_us), stored
 
 
 def _load_wallets(
@@ -309,7 +569,9 @@ def _decide(
             del wallet.lots[s.grant_id]
         else:
             wallet.lots[s.grant_id] = replace(lot, amount=lot.amount - s.amount)
-        deltas = writes.grant_deltas.setdefault((cmd.account_id, s.grant_id), [0, 0])
+        deltas = writes.grant_deltas.setdefault(
+            (cmd.account_id, cmd.credit_type, s.grant_id), [0, 0]
+        )
         deltas[0] -= s.amount
         deltas[1] += s.amount
     wallet.last_sequence += 1
@@ -359,9 +621,45 @@ def _decide(
         )
     )
     writes.slices.extend(
-        (cmd.account_id, reservation.reservation_id, s.grant_id, s.amount) for s in slices
+        (cmd.account_id, cmd.credit_type, reservation.reservation_id, s.grant_id, s.amount)
+        for s in slices
     )
     return ReservationResult(reservation, entry)
+
+
+async def _write_guarded(
+    conn: Any, now_us: int, writes: _Writes, changed: dict[tuple[str, str], _Wallet]
+) -> set[tuple[str, str]]:
+    """Runs _GUARDED_WRITE_SQL; the wallets it changed (the others it left alone)."""
+    wallet_rows = [
+        (a, c, w.first_sequence, w.last_sequence, w.reserved) for (a, c), w in changed.items()
+    ]
+    grant_rows = [(a, c, g, d[0], d[1]) for (a, c, g), d in writes.grant_deltas.items()]
+    # Per reservation: its 10 row columns ($12-$21), then its entry's amount, available,
+    # reserved, principal and effects ($27-$31).
+    reservation_columns = columns(writes.reservations, 15)
+    row = await conn.fetchrow(
+        _GUARDED_WRITE_SQL,
+        *columns(wallet_rows, 5),
+        *columns(grant_rows, 5),
+        now_us,
+        *reservation_columns[:10],
+        *columns(writes.slices, 5),
+        reservation_columns[14],
+        *reservation_columns[10:14],
+        *columns(writes.outcomes, 5),
+        [(a, c) in changed for a, c, *_ in writes.outcomes],
+    )
+    written = set(zip(row[1] or (), row[2] or (), strict=True))
+    expected = (
+        sum(1 for r in writes.reservations if (r[0], r[2]) in written),
+        sum(1 for r in writes.slices if (r[0], r[1]) in written),
+        sum(1 for o in writes.outcomes if (o[0], o[1]) in written or (o[0], o[1]) not in changed),
+    )
+    # Committed already, so this cannot roll back; it stops the batch from answering anything
+    # but what is stored (its calls then replay their stored outcomes one by one).
+    assert tuple(row[3:]) == expected, f"reserve batch wrote {tuple(row[3:])}, meant {expected}"
+    return written
 
 
 def _snapshot(wallet: _Wallet, now_us: int) -> WalletSnapshot:
@@ -381,7 +679,9 @@ async def _write(
     writes: _Writes,
     wallet_rows: Sequence[tuple[str, str, int, int]],
 ) -> None:
-    grant_rows = [(a, g, d[0], d[1]) for (a, g), d in writes.grant_deltas.items()]
+    grant_rows = [(a, g, d[0], d[1]) for (a, _, g), d in writes.grant_deltas.items()]
+    slice_rows = [(a, rid, g, amount) for a, _, rid, g, amount in writes.slices]
+    outcome_rows = [(a, k, o) for a, _, k, _, o in writes.outcomes]
     # Per reservation: its 10 row columns ($6-$15), then its entry's available, reserved,
     # principal and effects ($20-$23), and the entry's amount ($33).
     reservation_columns = columns(writes.reservations, 15)
@@ -390,20 +690,20 @@ async def _write(
         *columns(grant_rows, 4),
         now_us,
         *reservation_columns[:10],
-        *columns(writes.slices, 4),
+        *columns(slice_rows, 4),
         *reservation_columns[10:14],
         *columns(wallet_rows, 4),
-        *columns(writes.outcomes, 3),
+        *columns(outcome_rows, 3),
         *columns(writes.unclaimed, 2),
         reservation_columns[14],
     )
     expected = (
         len(grant_rows),
         len(writes.reservations),
-        len(writes.slices),
+        len(slice_rows),
         len(writes.reservations),  # one journal entry per reservation
         len(wallet_rows),
-        len(writes.outcomes),
+        len(outcome_rows),
         len(writes.unclaimed),
     )
     # Any difference is a bug: raising rolls the whole batch back.
