@@ -109,6 +109,7 @@ class Meters:
             "server": procstat.tree_cpu_seconds(self.server_pids),
             "generator": procstat.tree_cpu_seconds(self.generator_pids),
             "machine": procstat.machine_busy_seconds(),
+            "steal": procstat.machine_steal_seconds(),
         }
         if self.redis_pid is not None:
             values["redis"] = procstat.tree_cpu_seconds([self.redis_pid])
@@ -134,9 +135,10 @@ class Meters:
             round(self.postgres.seconds(), 3) if self.postgres_pids is not None else None
         )
         result.setdefault("redis", None)
-        # Everything else the machine did meanwhile: other processes, the kernel, this script.
-        ours = sum(v or 0.0 for k, v in result.items() if k != "machine")
-        result["other"] = round((result["machine"] or 0.0) - ours, 3)
+        # Everything else the machine did meanwhile: other processes, the kernel, this script;
+        # not the hypervisor's steal, which has its own figure.
+        ours = sum(v or 0.0 for k, v in result.items() if k not in ("machine", "steal"))
+        result["other"] = round((result["machine"] or 0.0) - ours - (result["steal"] or 0.0), 3)
         return result
 
 

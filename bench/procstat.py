@@ -96,13 +96,23 @@ def uptime_ticks() -> int:
         return int(float(f.read().split()[0]) * CLOCK_TICKS)
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle (nor waiting for I/O) since boot."""
+def _cpu_line() -> list[int]:
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
+        return [int(v) for v in f.readline().split()[1:]]
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle (nor waiting for I/O) since boot, steal included."""
+    values = _cpu_line()
     idle = values[3] + values[4]
     # guest and guest_nice are already counted in user and nice.
     return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this virtual machine's cores to others while they had
+    work: on a shared host, the reason a run can be slow with nothing else running here."""
+    return _cpu_line()[7] / CLOCK_TICKS
 
 
 @dataclass

@@ -991,7 +991,7 @@ class Bench:
 
 COLUMNS = (
     ("scenario", 24), ("gen", 6), ("conc", 5), ("calls/s", 8), ("p50 ms", 7), ("p99 ms", 7),
-    ("p99.9 ms", 8), ("server", 6), ("pg", 5), ("redis", 5), ("gen", 5), ("other", 5),
+    ("p99.9 ms", 8), ("server", 6), ("pg", 5), ("redis", 5), ("gen", 5), ("other", 5), ("steal", 5),
     ("ratio", 6),
 )  # fmt: skip
 
@@ -1000,7 +1000,7 @@ def print_header(title: str) -> None:
     print(f"\n{title}")
     print(
         "CPU columns are cores used (CPU seconds / window seconds), other = the rest of the "
-        "machine; ratio is to the ceiling"
+        "machine, steal = cores the hypervisor gave to other guests; ratio is to the ceiling"
     )
     print("  ".join(f"{name:>{width}}" if i else f"{name:<{width}}"
                     for i, (name, width) in enumerate(COLUMNS)))  # fmt: skip
@@ -1031,6 +1031,7 @@ def print_row(result: dict[str, Any], ratio_value: float | None) -> None:
         _fmt(cores.get("redis")),
         _fmt(cores.get("generator")),
         _fmt(cores.get("other")),
+        _fmt(cores.get("steal")),
         _fmt(ratio_value),
     ]
     print(
