@@ -290,6 +290,17 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
 
 
+# The column lists of the batch statements' inserts (their SELECTs list the values in this order).
+JOURNAL_INSERT = """INSERT INTO journal (
+        account_id, credit_type, sequence, kind, amount, available_after, reserved_after,
+        grant_id, reservation_id, idempotency_key, principal, action, request_id, created_at_us,
+        grant_effects_json)"""
+RESERVATION_INSERT = """INSERT INTO reservations (
+        account_id, reservation_id, credit_type, amount, status, created_at_us, expires_at_us,
+        resolved_at_us, amount_committed, amount_released, amount_expired, action, request_id,
+        metadata_json, idempotency_key, reserve_sequence, resolution_sequence)"""
+
+
 def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as columns, for statements that unnest one array per column."""
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width

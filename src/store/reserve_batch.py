@@ -44,7 +44,16 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]  # no stubs; connections are typed Any here
 
 from store import codec
-from store.batching import AdmissionCall, Batcher, Published, Settled, Waiting, columns
+from store.batching import (
+    JOURNAL_INSERT,
+    RESERVATION_INSERT,
+    AdmissionCall,
+    Batcher,
+    Published,
+    Settled,
+    Waiting,
+    columns,
+)
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
 from store.errors import AccountLocked, BusinessFailure, InsufficientCredits
@@ -85,7 +94,7 @@ JOIN unnest($3::text[], $4::text[]) AS u(a, k) ON k.account_id = u.a AND k.idemp
 # returned it. Outcomes of wallets the batch did not change (refusals only) need no lock:
 # they were decided on a consistent snapshot. credits_assert (migration 0005) fails the
 # statement, so nothing is written, if a grant the decisions spent was not where they read it.
-_GUARDED_WRITE_SQL = """
+_GUARDED_WRITE_SQL = f"""
 WITH
 locked AS (
     SELECT w.account_id AS a, w.credit_type AS c, d.seq, d.resv
@@ -112,10 +121,7 @@ g AS (
     RETURNING 1
 ),
 r AS (
-    INSERT INTO reservations (
-        account_id, reservation_id, credit_type, amount, status, created_at_us, expires_at_us,
-        resolved_at_us, amount_committed, amount_released, amount_expired, action, request_id,
-        metadata_json, idempotency_key, reserve_sequence, resolution_sequence)
+    {RESERVATION_INSERT}
     SELECT t.a, t.rid, t.c, t.amt, 'pending', $11, t.exp, NULL, 0, 0, 0, t.act, t.req, t.meta,
            t.k, t.seq, NULL
     FROM unnest($12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[], $17::text[],
@@ -133,10 +139,7 @@ s AS (
     RETURNING 1
 ),
 j AS (
-    INSERT INTO journal (
-        account_id, credit_type, sequence, kind, amount, available_after, reserved_after,
-        grant_id, reservation_id, idempotency_key, principal, action, request_id, created_at_us,
-        grant_effects_json)
+    {JOURNAL_INSERT}
     SELECT t.a, t.c, t.seq, 'reserve', t.amt, t.avail, t.resv, '', t.rid, t.k, t.p, t.act,
            t.req, $11, t.fx
     FROM unnest($12::text[], $14::text[], $21::bigint[], $27::bigint[], $28::bigint[],
@@ -203,7 +206,7 @@ LEFT JOIN accounts acc ON acc.account_id = t.a
 LEFT JOIN grants g ON g.account_id = t.a AND g.credit_type = t.c AND g.remaining > 0
 """
 
-_WRITE_SQL = """
+_WRITE_SQL = f"""
 WITH
 g AS (
     UPDATE grants SET remaining = grants.remaining + d.dr, held = grants.held + d.dh
@@ -212,10 +215,7 @@ g AS (
     RETURNING 1
 ),
 r AS (
-    INSERT INTO reservations (
-        account_id, reservation_id, credit_type, amount, status, created_at_us, expires_at_us,
-        resolved_at_us, amount_committed, amount_released, amount_expired, action, request_id,
-        metadata_json, idempotency_key, reserve_sequence, resolution_sequence)
+    {RESERVATION_INSERT}
     SELECT a, rid, c, amt, 'pending', $5, exp, NULL, 0, 0, 0, act, req, meta, k, seq, NULL
     FROM unnest($6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[],
                 $12::text[], $13::text[], $14::text[], $15::bigint[])
@@ -228,10 +228,7 @@ s AS (
     RETURNING 1
 ),
 j AS (
-    INSERT INTO journal (
-        account_id, credit_type, sequence, kind, amount, available_after, reserved_after,
-        grant_id, reservation_id, idempotency_key, principal, action, request_id, created_at_us,
-        grant_effects_json)
+    {JOURNAL_INSERT}
     SELECT a, c, seq, 'reserve', amt, avail, resv, '', rid, k, p, act, req, $5, fx
     FROM unnest($6::text[], $8::text[], $15::bigint[], $33::bigint[], $20::bigint[],
                 $21::bigint[], $7::text[], $14::text[], $22::text[], $11::text[], $12::text[],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from store import codec
-from store.batching import AdmissionCall, Batcher, Published, Waiting, columns
+from store.batching import JOURNAL_INSERT, AdmissionCall, Batcher, Published, Waiting, columns
 from store.burndown import Lot, consume, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
 from store.model import (
@@ -72,7 +72,7 @@ JOIN unnest($1::text[], $2::text[]) AS t(a, c) ON g.account_id = t.a AND g.credi
 WHERE g.remaining > 0
 """
 
-_WRITE_SQL = """
+_WRITE_SQL = f"""
 WITH
 g AS (
     UPDATE grants SET remaining = grants.remaining + d.dr, held = grants.held + d.dh,
@@ -92,10 +92,7 @@ r AS (
     RETURNING 1
 ),
 j AS (
-    INSERT INTO journal (
-        account_id, credit_type, sequence, kind, amount, available_after, reserved_after,
-        grant_id, reservation_id, idempotency_key, principal, action, request_id, created_at_us,
-        grant_effects_json)
+    {JOURNAL_INSERT}
     SELECT a, c, seq, kind, amt, avail, resv, '', rid, '', p, act, req, $7, fx
     FROM unnest($14::text[], $15::text[], $16::bigint[], $17::text[], $18::bigint[],
                 $19::bigint[], $20::bigint[], $21::text[], $22::text[], $23::text[],
