@@ -400,7 +400,11 @@ async def test_calls_queued_behind_a_running_batch_schedule_one_recheck_not_one_
         await holding.rollback()
         results = await asyncio.gather(first, *queued)
     assert all(r.reservation.amount == 1 for r in results)
-    assert batcher(pg_ledger).counters.batches == 2
+    # Two batches: the first, then the 50 queued behind it. A third when this machine stalled
+    # longer than BATCH_STALL_SECONDS between the first batch's start and the next submit (a
+    # virtual machine descheduled that long): the first queued call then starts a batch of its
+    # own, and the other 49 wait for the next. Either way, one recheck timer.
+    assert batcher(pg_ledger).counters.batches in (2, 3)
     assert len(scheduled) == 1, scheduled
 
 
@@ -574,3 +578,54 @@ async def test_the_journal_stores_exactly_the_entries_the_batches_returned(
     for result in settled:
         found = await pg_ledger.get_reservation(account, result.reservation.reservation_id)
         assert found == result.reservation
+
+
+async def test_two_replicas_mixing_every_write_on_few_wallets_keep_every_credit(
+    pg_ledger: Ledger, clock: ManualClock, accounts: Accounts
+) -> None:
+    """Two ledgers (two replicas' batchers) Reserve, Commit, Release and grant at once on three
+    wallets, so batches lose their compare-and-set to each other and to the one-call path
+    again and again. Every credit stays accounted for: granted = available + held + consumed,
+    each hold settles once, and the audit (in the fixture) replays the journal clean."""
+    other = Ledger(pg_ledger.engine, clock, LedgerSettings())
+    ledgers = (pg_ledger, other)
+    wallets = [accounts(f"mix{i}") for i in range(3)]
+    for account in wallets:
+        await fund(pg_ledger, account, 40)
+    rng = __import__("random").Random(7)
+    granted = {account: 40 for account in wallets}
+
+    async def flow(n: int) -> tuple[str, int]:
+        """One caller's work; returns (account, credits it consumed)."""
+        ledger, account = ledgers[n % 2], rng.choice(wallets)
+        if n % 7 == 0:
+            await fund(ledger, account, 5, f"top{n}")
+            granted[account] += 5
+            return account, 0
+        try:
+            held = await ledger.reserve(ReserveCommand(account, "default", 3, f"r{n}"), CALLER)
+        except InsufficientCredits:
+            return account, 0
+        rid = held.reservation.reservation_id
+        resolver_ledger = ledgers[(n + 1) % 2]  # settled through the other replica
+        if n % 3 == 0:
+            await resolver_ledger.release(ReleaseCommand(account, rid), CALLER)
+            return account, 0
+        settled = await resolver_ledger.commit(CommitCommand(account, rid, 2), CALLER)
+        return account, settled.reservation.amount_committed
+
+    try:
+        results = await asyncio.gather(*(flow(n) for n in range(240)))
+    finally:
+        await other.close()
+    consumed = Counter[str]()
+    for account, amount in results:
+        consumed[account] += amount
+    for account in wallets:
+        balance = await pg_ledger.check(account, "default", consistent=True)
+        assert balance.reserved == 0, account
+        assert balance.available + consumed[account] == granted[account], account
+    counters = [batcher(ledger).counters for ledger in ledgers]
+    assert sum(c.largest_batch > 1 for c in counters) >= 1
+    # The point of the mix: batches did lose wallets to the other replica and decided again.
+    assert sum(c.lost_compare_and_set for c in counters) >= 1
