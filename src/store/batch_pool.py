@@ -26,9 +26,9 @@ _CONNECT_PARAMETERS = frozenset(inspect.signature(asyncpg.connect).parameters)
 
 
 async def _keep_session(conn: Any) -> None:
-    """A returned connection needs no reset: it only ever ran transactions, each ended by
-    commit or rollback, and set nothing in its session. asyncpg's default reset is one more
-    round trip (RESET ALL, UNLISTEN, ...) in every batch's path."""
+    """A returned connection needs no reset: it only ever ran statements that commit on their
+    own and transactions ended by commit or rollback, and set nothing in its session. asyncpg's
+    default reset is one more round trip (RESET ALL, UNLISTEN, ...) in every batch's path."""
 
 
 class BatchConnections:

@@ -1,16 +1,17 @@
-"""Group commit: concurrent calls of one kind share a Postgres transaction.
+"""Group commit: concurrent calls of one kind share a Postgres commit.
 
-A batcher queues calls; each batch is one transaction (its subclass decides what it does) and
-one fsync for all of its calls. There is no timer: a batch takes whatever queued while the
+A batcher queues calls; each batch commits once for all of its calls (one fsync): by default
+in one transaction (`settle`, whose `decide` the subclass writes); Reserve settles its batches
+otherwise (store/reserve_batch.py). There is no timer: a batch takes whatever queued while the
 previous one ran, so an idle server answers a lone call at once and a busy one puts more calls
 in each commit (one batch at a time makes the biggest batches, and CPU per call falls as they
 grow). A second batch starts only beside one that has run for BATCH_STALL_SECONDS (waiting on a
 wallet another transaction holds, say), so one slow wallet never holds up everyone else.
 
-Whatever a batch does not decide (its subclass leaves the call out of `decided`), and every
-call of a batch whose transaction failed, goes back to its caller as None: the one-call path in
-ledger.py then settles it, and that path's idempotency (keys, resolution sequences) makes a
-batch that died before, during or after COMMIT safe to retry.
+Whatever a batch does not settle (its subclass leaves the call out of `decided`), and every
+call of a batch that failed before committing it, goes back to its caller as None: the
+one-call path in ledger.py then settles it, and that path's idempotency (keys, resolution
+sequences) makes a batch that died before, during or after COMMIT safe to retry.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ BATCH_STALL_SECONDS: Final = 0.02
 BATCHES_IN_FLIGHT_MAX: Final = 4
 BATCH_TIMEOUT_SECONDS: Final = 5.0
 # The batchers' own connections (store/batch_pool.py), beside the engine's pool: each of the two
-# batchers (Reserve; Commit and Release) holds one per batch in its transaction.
+# batchers (Reserve; Commit and Release) holds one per batch in flight.
 BATCH_CONNECTIONS_MAX: Final = 2 * BATCHES_IN_FLIGHT_MAX
 
 # Rate limits (src/server/ratelimit.py, docs/rate-limits.md). A rate of 0 turns a limit off.

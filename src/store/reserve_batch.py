@@ -393,19 +393,10 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         commits; adds what it committed to `settled` and returns the requests of the wallets
         that moved or were held since the read (nothing of theirs was written)."""
         writes = _Writes()
-        decided: dict[int, ReserveOutcome] = {}
-        for request in sorted(requests, key=lambda r: r.arrival):
-            cmd = request.request.cmd
-            if request.future.done():  # the caller's deadline passed: nothing of it is written
-                continue
-            wallet = wallets.get((cmd.account_id, cmd.credit_type))
-            status = None if wallet is None else wallet.status
-            outcome = _decide(request, wallet, status, now_us, writes)
-            decided[request.arrival] = outcome
-            writes.add_outcome(request, outcome)
-        changed = {key: wallet for key, wallet in wallets.items() if wallet.changed}
+        decided = _decide_in_order(requests, wallets, now_us, writes, claimed=False)
         if not writes.outcomes:
             return []
+        changed = _changed(wallets)
         written = await _write_guarded(conn, now_us, writes, changed)
         lost_wallets = changed.keys() - written
         if lost_wallets:
@@ -416,14 +407,7 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
             if (cmd.account_id, cmd.credit_type) in lost_wallets:
                 decided.pop(request.arrival, None)
                 lost.append(request)
-        settled.add(
-            decided,
-            [
-                (a, c, _snapshot(wallet, now_us))
-                for (a, c), wallet in changed.items()
-                if (a, c) in written
-            ],
-        )
+        settled.add(decided, _snapshots({k: changed[k] for k in written}, now_us))
         return lost
 
     async def _decide_and_write(
@@ -463,29 +447,48 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         wallets = _load_wallets(
             await conn.fetch(_READ_SQL, accounts_col, types_col), locked, now_us
         )
-        statuses = {a: w.status for (a, _), w in wallets.items()}
-
         writes = _Writes()
-        wallet_rows: list[tuple[str, str, int, int]] = []
-        for request in sorted(mine, key=lambda r: r.arrival):
-            cmd = request.request.cmd
-            if request.future.done():  # the caller's deadline passed: leave no trace
-                writes.unclaimed.append((cmd.account_id, cmd.idempotency_key))
-                continue
-            wallet = wallets.get((cmd.account_id, cmd.credit_type))
-            outcome = _decide(request, wallet, statuses.get(cmd.account_id), now_us, writes)
-            decided[request.arrival] = outcome
-            writes.add_outcome(request, outcome)
-        published: list[Published] = []
-        for (account_id, credit_type), wallet in wallets.items():
-            if wallet.changed:
-                assert wallet.reserved >= 0, f"wallet {account_id}/{credit_type} reserved < 0"
-                wallet_rows.append((account_id, credit_type, wallet.last_sequence, wallet.reserved))
-                published.append(
-                    (account_id, credit_type, _snapshot(wallet, now_us)),
-                )
+        decided.update(_decide_in_order(mine, wallets, now_us, writes, claimed=True))
+        changed = _changed(wallets)
+        wallet_rows = [(a, c, w.last_sequence, w.reserved) for (a, c), w in changed.items()]
         await _write(conn, now_us, writes, wallet_rows)
-        return published
+        return _snapshots(changed, now_us)
+
+
+def _decide_in_order(
+    requests: list[_Request],
+    wallets: dict[tuple[str, str], _Wallet],
+    now_us: int,
+    writes: _Writes,
+    *,
+    claimed: bool,
+) -> dict[int, ReserveOutcome]:
+    """Decides `requests` in arrival order on the in-memory wallets, adding their rows to
+    `writes`; their outcomes by arrival. A caller whose deadline passed is left out, with
+    nothing of it written: on the locking path (`claimed`) its key is deleted again."""
+    decided: dict[int, ReserveOutcome] = {}
+    for request in sorted(requests, key=lambda r: r.arrival):
+        cmd = request.request.cmd
+        if request.future.done():
+            if claimed:
+                writes.unclaimed.append((cmd.account_id, cmd.idempotency_key))
+            continue
+        outcome = _decide(request, wallets.get((cmd.account_id, cmd.credit_type)), now_us, writes)
+        decided[request.arrival] = outcome
+        writes.add_outcome(request, outcome)
+    return decided
+
+
+def _changed(wallets: dict[tuple[str, str], _Wallet]) -> dict[tuple[str, str], _Wallet]:
+    """The wallets the decisions changed, each checked before it is written."""
+    changed = {key: wallet for key, wallet in wallets.items() if wallet.changed}
+    for (account_id, credit_type), wallet in changed.items():
+        assert wallet.reserved >= 0, f"wallet {account_id}/{credit_type} reserved < 0"
+    return changed
+
+
+def _snapshots(wallets: dict[tuple[str, str], _Wallet], now_us: int) -> list[Published]:
+    return [(a, c, _snapshot(wallet, now_us)) for (a, c), wallet in wallets.items()]
 
 
 def _first_per_key(batch: list[_Request]) -> list[_Request]:
@@ -545,16 +548,12 @@ def _load_wallets(
 
 
 def _decide(
-    request: _Request,
-    wallet: _Wallet | None,
-    status: AccountStatus | None,
-    now_us: int,
-    writes: _Writes,
+    request: _Request, wallet: _Wallet | None, now_us: int, writes: _Writes
 ) -> ReserveOutcome:
     cmd, caller = request.request.cmd, request.request.caller
-    if status is AccountStatus.LOCKED:
+    assert wallet is not None, "every decided request's wallet was read"
+    if wallet.status is AccountStatus.LOCKED:
         return AccountLocked(cmd.account_id)
-    assert wallet is not None, "every claimed request's wallet was read"
     available = sum(lot.amount for lot in wallet.lots.values())
     slices = allocate(wallet.lots.values(), cmd.amount) if available >= cmd.amount else None
     if not wallet.exists or slices is None:
