@@ -297,11 +297,15 @@ async def test_batched_snapshot_writes_survive_redis_forgetting_its_scripts(redi
         def snapshot(version: int) -> WalletSnapshot:
             return WalletSnapshot(version, 100 - version, version, 2**62, 1)
 
-        await cache.put_wallets([("acct", "default", snapshot(1)), ("b", "default", snapshot(1))])
+        await cache.put_wallets_shared(
+            [("acct", "default", snapshot(1)), ("b", "default", snapshot(1))]
+        )
         await admin.script_flush()
-        await cache.put_wallets([("acct", "default", snapshot(3)), ("b", "default", snapshot(2))])
+        await cache.put_wallets_shared(
+            [("acct", "default", snapshot(3)), ("b", "default", snapshot(2))]
+        )
         await admin.script_flush()
-        await cache.put_wallets([("acct", "default", snapshot(2))])  # older: refused
+        await cache.put_wallets_shared([("acct", "default", snapshot(2))])  # older: refused
         assert (await cache.get("acct", "default"))[0] == snapshot(3)
         assert (await cache.get("b", "default"))[0] == snapshot(2)
         assert cache.counters.writes_refused_as_older == 1

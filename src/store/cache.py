@@ -126,10 +126,9 @@ class BalanceCache(Protocol):
 
     async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None: ...
 
-    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None: ...
-
-    # put_wallets in two halves, for a writer that answers its callers between them: what this
-    # process keeps (no I/O, so it is current before any caller hears of the change) ...
+    # Many wallets' snapshots (a batch's) in two halves, for a writer that answers its callers
+    # between them: what this process keeps (no I/O, so it is current before any caller hears
+    # of the change) ...
     def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None: ...
 
     # ... and what every replica reads (Redis).
@@ -205,9 +204,6 @@ class LocalBalanceCache:
 
     async def put_account(self, account_id: str, snapshot: AccountSnapshot) -> None:
         self._put(("a", account_id), snapshot)
-
-    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
-        self.put_wallets_local(snapshots)
 
     def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         for account_id, credit_type, snapshot in snapshots:
@@ -452,10 +448,7 @@ class RedisBalanceCache:
     async def put_wallets_shared(
         self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
     ) -> None:
-        await self.put_wallets(snapshots)
-
-    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
-        """Many wallets in one round trip (a reserve batch's wallets), each compare-and-set."""
+        """Many wallets in one round trip (a batch's wallets), each compare-and-set."""
         await self._store(
             [
                 self._cas_call(wallet_key(self.namespace, account_id, credit_type), snapshot)
@@ -526,17 +519,13 @@ class LayeredBalanceCache:
         await self.near.put_account(account_id, snapshot)
         await self.shared.put_account(account_id, snapshot)
 
-    async def put_wallets(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
-        self.put_wallets_local(snapshots)
-        await self.put_wallets_shared(snapshots)
-
     def put_wallets_local(self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]) -> None:
         self.near.put_wallets_local(snapshots)
 
     async def put_wallets_shared(
         self, snapshots: Sequence[tuple[str, str, WalletSnapshot]]
     ) -> None:
-        await self.shared.put_wallets(snapshots)
+        await self.shared.put_wallets_shared(snapshots)
 
     async def close(self) -> None:
         await self.near.close()
