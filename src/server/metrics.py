@@ -350,7 +350,7 @@ class _PoolCollector(Collector):
             batch = GaugeMetricFamily(
                 "credits_db_batch_connections",
                 "Connections of the group-commit batches, beside the pool (at most "
-                "BATCH_CONNECTIONS_MAX): open, and in a batch's transaction",
+                "BATCH_CONNECTIONS_MAX): open, and in use by a batch",
                 labels=("state",),
             )
             batch.add_metric(("open",), opened)
