@@ -84,9 +84,11 @@ BATCH_MAX: Final = 128
 BATCH_STALL_SECONDS: Final = 0.02
 BATCHES_IN_FLIGHT_MAX: Final = 4
 BATCH_TIMEOUT_SECONDS: Final = 5.0
-# The batchers' own connections (store/batch_pool.py), beside the engine's pool: each of the two
-# batchers (Reserve; Commit and Release) holds one per batch in flight.
+# The batchers' own connections (store/batch_pool.py), beside the engine's pool: each batch in
+# flight holds one. Transactions: a Commit or Release batch, or a Reserve batch on its locking
+# path. Generic plans: a Reserve batch's read and write (it holds no other meanwhile).
 BATCH_CONNECTIONS_MAX: Final = 2 * BATCHES_IN_FLIGHT_MAX
+BATCH_GENERIC_CONNECTIONS_MAX: Final = BATCHES_IN_FLIGHT_MAX
 
 # Rate limits (src/server/ratelimit.py, docs/rate-limits.md). A rate of 0 turns a limit off.
 # Calls per second one caller may make across every RPC, and how many it may make at once.

@@ -75,36 +75,54 @@ ReserveOutcome = ReservationResult | BusinessFailure
 
 # One snapshot: each wallet's sequence and reserved total with its grants as of that sequence,
 # the accounts' status, and the keys already stored. No lock is taken.
+#
+# This statement and _GUARDED_WRITE_SQL run with generic plans (planned once per connection,
+# store/batch_pool.py): planning them afresh cost more than running them. A generic plan is made
+# once, whatever the tables held then, so every table is reached through a LATERAL subquery
+# keyed by the batch's arrays: the array is always the outer side and each lookup an index
+# probe, whether the table was empty or huge when the plan was made (OFFSET 0 keeps the planner
+# from flattening the subquery back into a join whose order it would choose by size).
 _SNAPSHOT_SQL = """
 SELECT false AS is_key, t.a, t.c, acc.status, g.grant_id, g.priority, g.effective_at_us,
        g.expires_at_us, g.remaining, w.last_sequence, w.reserved
 FROM unnest($1::text[], $2::text[]) AS t(a, c)
-LEFT JOIN accounts acc ON acc.account_id = t.a
-LEFT JOIN wallets w ON w.account_id = t.a AND w.credit_type = t.c
-LEFT JOIN grants g ON g.account_id = t.a AND g.credit_type = t.c AND g.remaining > 0
+LEFT JOIN LATERAL (
+    SELECT status FROM accounts WHERE account_id = t.a OFFSET 0
+) AS acc ON true
+LEFT JOIN LATERAL (
+    SELECT last_sequence, reserved FROM wallets
+    WHERE account_id = t.a AND credit_type = t.c OFFSET 0
+) AS w ON true
+LEFT JOIN LATERAL (
+    SELECT grant_id, priority, effective_at_us, expires_at_us, remaining FROM grants
+    WHERE account_id = t.a AND credit_type = t.c AND remaining > 0 OFFSET 0
+) AS g ON true
 UNION ALL
-SELECT true, k.account_id, k.idempotency_key, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-FROM idempotency_keys k
-JOIN unnest($3::text[], $4::text[]) AS u(a, k) ON k.account_id = u.a AND k.idempotency_key = u.k
+SELECT true, u.a, u.k, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM unnest($3::text[], $4::text[]) AS u(a, k)
+JOIN LATERAL (
+    SELECT 1 FROM idempotency_keys WHERE account_id = u.a AND idempotency_key = u.k OFFSET 0
+) AS k ON true
 """
 
 # Commits on its own. `locked` takes each changed wallet that is still at the sequence read
-# ($3) and that no one holds, sorted (LockRows runs above the sort); FOR UPDATE rechecks the
-# sequence on the newest row version. Everything else of a wallet is written only if `w`
-# returned it. Outcomes of wallets the batch did not change (refusals only) need no lock:
-# they were decided on a consistent snapshot. credits_assert (migration 0005) fails the
-# statement, so nothing is written, if a grant the decisions spent was not where they read it.
+# ($3) and that no one holds; FOR UPDATE rechecks the sequence on the newest row version, and
+# SKIP LOCKED never waits, so the order of the locks does not matter. Everything else of a
+# wallet is written only if `w` returned it. Outcomes of wallets the batch did not change
+# (refusals only) need no lock: they were decided on a consistent snapshot. credits_assert
+# (migration 0005) fails the statement, so nothing is written, if a grant the decisions spent
+# was not where they read it. Generic plan: tables are reached as in _SNAPSHOT_SQL.
 _GUARDED_WRITE_SQL = f"""
 WITH
 locked AS (
-    SELECT w.account_id AS a, w.credit_type AS c, d.seq, d.resv
-    FROM wallets w
-    JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+    SELECT x.a, x.c, d.seq, d.resv
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
          AS d(a, c, old, seq, resv)
-      ON w.account_id = d.a AND w.credit_type = d.c
-    WHERE w.last_sequence = d.old
-    ORDER BY w.account_id, w.credit_type
-    FOR UPDATE OF w SKIP LOCKED
+    CROSS JOIN LATERAL (
+        SELECT account_id AS a, credit_type AS c FROM wallets
+        WHERE account_id = d.a AND credit_type = d.c AND last_sequence = d.old
+        FOR UPDATE SKIP LOCKED
+    ) AS x
 ),
 w AS (
     UPDATE wallets SET last_sequence = l.seq, reserved = l.resv
@@ -337,7 +355,7 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         wallet_keys = sorted(
             {(r.request.cmd.account_id, r.request.cmd.credit_type) for r in requests}
         )
-        async with self.connections.connection() as conn:
+        async with self.connections.generic() as conn:
             # The read runs beside the rate check; both are needed before deciding.
             state = await conn.fetch(
                 _SNAPSHOT_SQL,
@@ -363,16 +381,16 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
                 # statement wrote nothing.
                 self.counters.lost_compare_and_set += 1
                 lost = mine
-            if not lost:
-                self.leave_flight()
-                return
-            # The locking path, in flight until its COMMIT: a batch waiting here on a held
-            # wallet holds a connection, and at most batches_in_flight_max do.
-            decided: dict[int, ReserveOutcome] = {}
-            async with conn.transaction(isolation="read_committed"):
-                published = await self._decide_and_write(conn, lost, decided)
-                self.leave_flight()
-            settled.add(decided, published)
+        if not lost:
+            self.leave_flight()
+            return
+        # The locking path, in flight until its COMMIT: a batch waiting here on a held wallet
+        # holds a connection, and at most batches_in_flight_max do.
+        decided: dict[int, ReserveOutcome] = {}
+        async with self.connections.transaction() as conn:
+            published = await self._decide_and_write(conn, lost, decided)
+            self.leave_flight()
+        settled.add(decided, published)
 
     async def decide(
         self, conn: Any, batch: list[_Request], decided: dict[int, ReserveOutcome]
