@@ -117,8 +117,11 @@ def assert_index_lookups_only(plan: dict[str, Any], where: str) -> None:
 
 
 async def test_generic_plans_look_rows_up_by_key_whatever_the_tables_held(conn: Any) -> None:
-    states = (("empty database", ""), ("wallets, no keys", _LOAD_WALLETS_SQL))
-    states += (("everything loaded", _LOAD_KEYS_SQL),)
+    states = (
+        ("empty database", ""),
+        ("wallets, no keys", _LOAD_WALLETS_SQL),
+        ("everything loaded", _LOAD_KEYS_SQL),
+    )
     for state, load in states:
         if load:
             await conn.execute(load)

@@ -350,7 +350,8 @@ class _PoolCollector(Collector):
             batch = GaugeMetricFamily(
                 "credits_db_batch_connections",
                 "Connections of the group-commit batches, beside the pool (at most "
-                "BATCH_CONNECTIONS_MAX): open, and in use by a batch",
+                "BATCH_CONNECTIONS_MAX + BATCH_GENERIC_CONNECTIONS_MAX): open, and in use by "
+                "a batch",
                 labels=("state",),
             )
             batch.add_metric(("open",), opened)

@@ -9,10 +9,10 @@ path) plan every statement afresh, as every server connection does (`plan_cache_
 store/database.py). Reserve's two self-committing statements (`generic()`) run on connections
 that plan each statement once, generically, and never scan a table whole: planning them afresh
 cost 1.07 ms of Postgres's CPU per batch at half of Reserve's peak, more than running them
-(0.71 ms bind against 0.31 ms execute for the read). A generic plan outlives the table sizes it
-was made for, so those statements are written to have one plan whatever the sizes (LATERAL
-lookups, store/reserve_batch.py) and tests/test_plans.py checks the plans made on an empty
-database and on a full one.
+(0.40 ms bind against 0.31 ms execute for the read, 0.67 against 0.85 for the write). A generic
+plan outlives the table sizes it was made for, so those statements are written to have one plan
+whatever the sizes (LATERAL lookups, store/reserve_batch.py), and tests/test_plans.py checks
+the plans made on an empty, a half-loaded and a loaded database.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]  # no stubs; the pool is typed Any here
@@ -43,9 +43,64 @@ async def _keep_session(conn: Any) -> None:
 GENERIC_PLAN_SETTINGS: Final = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
 
 
+class _LazyPool:
+    """One asyncpg pool of batch connections with these session settings, opened on first use
+    and kept for the process's life."""
+
+    def __init__(
+        self, engine: AsyncEngine, settings: PoolSettings, size_max: int, session: dict[str, str]
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.size_max = size_max
+        self.session = session
+        self._pool: Any = None
+        self._opening = asyncio.Lock()
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        pool = self._pool or await self._open()
+        async with pool.acquire(timeout=self.settings.checkout_timeout_seconds) as conn:
+            yield conn
+
+    async def _open(self) -> Any:
+        async with self._opening:
+            if self._pool is None:
+                # The same host, user, database and TLS options as the engine's connections.
+                _, url_kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+                # Less the options that are SQLAlchemy's own (its statement cache size, say).
+                connect_kwargs = {k: v for k, v in url_kwargs.items() if k in _CONNECT_PARAMETERS}
+                self._pool = await asyncpg.create_pool(
+                    **connect_kwargs,
+                    min_size=0,
+                    max_size=self.size_max,
+                    reset=_keep_session,
+                    timeout=self.settings.connect_timeout_seconds,
+                    command_timeout=self.settings.statement_timeout_ms / 1000,
+                    server_settings={
+                        **postgres_session_settings(self.settings),
+                        "application_name": "credits-server-batches",
+                        **self.session,
+                    },
+                )
+            return self._pool
+
+    def sizes(self) -> tuple[int, int]:
+        """(open, in use) right now."""
+        if self._pool is None:
+            return 0, 0
+        opened = int(self._pool.get_size())
+        return opened, opened - int(self._pool.get_idle_size())
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
 class BatchConnections:
     """At most `size_max` connections in transactions and `generic_size_max` for the generic
-    statements, opened on first use and kept for the process's life."""
+    statements."""
 
     def __init__(
         self,
@@ -53,74 +108,30 @@ class BatchConnections:
         size_max: int = limits.BATCH_CONNECTIONS_MAX,
         generic_size_max: int = limits.BATCH_GENERIC_CONNECTIONS_MAX,
     ) -> None:
-        self.engine = engine
-        self.size_max = size_max
-        self.generic_size_max = generic_size_max
-        self.settings = PoolSettings()
-        self._pool: Any = None
-        self._generic_pool: Any = None
-        self._opening = asyncio.Lock()
+        settings = PoolSettings()
+        self._transactions = _LazyPool(engine, settings, size_max, {})
+        self._generic = _LazyPool(engine, settings, generic_size_max, GENERIC_PLAN_SETTINGS)
 
-    async def _open(self, generic: bool) -> Any:
-        async with self._opening:
-            if generic and self._generic_pool is None:
-                self._generic_pool = await self._create(
-                    self.generic_size_max, GENERIC_PLAN_SETTINGS
-                )
-            if not generic and self._pool is None:
-                self._pool = await self._create(self.size_max, {})
-            return self._generic_pool if generic else self._pool
-
-    async def _create(self, size_max: int, settings: dict[str, str]) -> Any:
-        # The same host, user, database and TLS options as the engine's connections.
-        _, url_kwargs = self.engine.dialect.create_connect_args(self.engine.url)
-        # Less the options that are SQLAlchemy's own (its statement cache size, say).
-        connect_kwargs = {k: v for k, v in url_kwargs.items() if k in _CONNECT_PARAMETERS}
-        return await asyncpg.create_pool(
-            **connect_kwargs,
-            min_size=0,
-            max_size=size_max,
-            reset=_keep_session,
-            timeout=self.settings.connect_timeout_seconds,
-            command_timeout=self.settings.statement_timeout_ms / 1000,
-            server_settings={
-                **postgres_session_settings(self.settings),
-                "application_name": "credits-server-batches",
-                **settings,
-            },
-        )
-
-    @asynccontextmanager
-    async def generic(self) -> AsyncIterator[Any]:
+    def generic(self) -> AbstractAsyncContextManager[Any]:
         """A connection outside any transaction, each statement committing on its own, planned
         generically: only for statements written for it (module docstring)."""
-        pool = self._generic_pool or await self._open(generic=True)
-        async with pool.acquire(timeout=self.settings.checkout_timeout_seconds) as conn:
-            yield conn
+        return self._generic.acquire()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
         """A connection inside a READ COMMITTED transaction; commits when the block ends."""
-        pool = self._pool or await self._open(generic=False)
         async with (
-            pool.acquire(timeout=self.settings.checkout_timeout_seconds) as conn,
+            self._transactions.acquire() as conn,
             conn.transaction(isolation="read_committed"),
         ):
             yield conn
 
     def connections(self) -> tuple[int, int]:
         """(open, in use) right now, both pools, for the metrics."""
-        opened = in_use = 0
-        for pool in (self._pool, self._generic_pool):
-            if pool is not None:
-                size = int(pool.get_size())
-                opened += size
-                in_use += size - int(pool.get_idle_size())
-        return opened, in_use
+        opened, in_use = self._transactions.sizes()
+        generic_opened, generic_in_use = self._generic.sizes()
+        return opened + generic_opened, in_use + generic_in_use
 
     async def close(self) -> None:
-        pools = (self._pool, self._generic_pool)
-        self._pool = self._generic_pool = None
-        for pool in pools:
-            if pool is not None:
-                await pool.close()
+        await self._transactions.close()
+        await self._generic.close()
