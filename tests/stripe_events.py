@@ -1,5 +1,6 @@
 """Stripe events for the listener's tests, built from the real object shapes in
-../shared/stripe-fixtures/, signed the way Stripe signs them; and a fake of the two Stripe API
+tests/stripe_fixtures/ (Stripe's published OpenAPI fixtures, kept in the repository so that a
+clone anywhere runs them), signed the way Stripe signs them; and a fake of the two Stripe API
 endpoints the listener calls (faked at the HTTP level: the real `stripe` library talks to it).
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "stripe-fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "stripe_fixtures"
 
 Json = dict[str, Any]
 
