@@ -171,6 +171,8 @@ SCENARIOS: tuple[Scenario, ...] = (
              "check", ceiling_only=True),
     Scenario("ceiling_naive", "naive ceiling: bare reserve SQL", "naive", "h2gen", "reserve",
              ceiling_only=True),
+    Scenario("naive_half", "naive ceiling at half its peak", "naive", "h2gen", "reserve",
+             half_of="ceiling_naive", ceiling_only=True),
     Scenario("reserve_uniform", "Reserve, uniform wallets", "server", "h2gen", "reserve",
              ceiling="ceiling_naive"),
     Scenario("reserve_uniform_half", "Reserve at half its peak", "server", "h2gen", "reserve",
@@ -337,6 +339,17 @@ async def run_canary(target: str, body: bytes, stop: asyncio.Event) -> dict[str,
     return statuses
 
 
+def batch_sizes(before: tuple[float, float], after: tuple[float, float]) -> dict[str, Any]:
+    """Reserve batches over a scenario (warm-up and tail included): at peak the event loop is
+    the bottleneck and throughput follows the mean batch size (docs/performance.md)."""
+    batches, calls = after[0] - before[0], after[1] - before[1]
+    return {
+        "batches": int(batches),
+        "calls": int(calls),
+        "calls_per_batch": round(calls / batches, 2) if batches else None,
+    }
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
@@ -352,6 +365,7 @@ class Bench:
         self.namespace = f"bench-{self.run_id}:"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"credits-bench-{self.run_id}-"))
         self.servers: dict[str, ServerProcess] = {}
+        self.metrics_port = 0
         self.meter_conn: asyncpg.Connection | None = None
         self.postgres_local = False
         self.redis_pid: int | None = None
@@ -436,6 +450,7 @@ class Bench:
         print(f"seeded {self.wallets:,} wallets in {took['seconds']} s", flush=True)
 
     async def start_servers(self) -> None:
+        self.metrics_port = free_port()
         port = free_port()
         self.servers["server"] = await start_process(
             "server",
@@ -446,6 +461,8 @@ class Bench:
                 "--redis-url", self.settings.redis_url,
                 "--redis-namespace", self.namespace,
                 "--log-level", "WARNING",
+                # Read before and after each scenario: calls per Reserve batch.
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                 # Limits high enough never to refuse, so the limiter's cost is still measured.
                 "--rate-caller-per-second", str(BENCH_RATE_PER_SECOND),
                 "--rate-account-reserves-per-second", str(BENCH_RATE_PER_SECOND),
@@ -520,6 +537,24 @@ class Bench:
     async def journal_entries(self) -> int:
         assert self.meter_conn is not None
         return int(await self.meter_conn.fetchval("SELECT sum(last_sequence) FROM wallets"))
+
+    async def reserve_batches(self) -> tuple[float, float]:
+        """The server's Reserve batches and the calls in them so far (its /metrics)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            text = (await reader.read()).decode()
+        finally:
+            writer.close()
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("credits_reserve_batches_total", "credits_reserve_batch_requests_total"):
+                values[name] = float(value)
+        return (
+            values.get("credits_reserve_batches_total", 0.0),
+            values.get("credits_reserve_batch_requests_total", 0.0),
+        )
 
     async def naive_holds(self) -> int:
         assert self.meter_conn is not None
@@ -612,6 +647,7 @@ class Bench:
             first_wallet = self.check_body(seed.account_name(ACCOUNT_PREFIX, 0))
             await self.verify_check_call(server.target, first_wallet)
         journal_before = await self.journal_entries() if scenario.target == "server" else 0
+        batches_before = await self.reserve_batches() if scenario.target == "server" else None
         holds_before = await self.naive_holds() if scenario.target == "naive" else 0
         profile = self.start_profile(name, server, load) if s.profile else None
         stop_canary = asyncio.Event()
@@ -660,6 +696,8 @@ class Bench:
         if measured.errors:
             problems.append(f"calls failed: {measured.errors}")
         result = self.summarise(scenario, name, load, measured, verify)
+        if batches_before is not None:
+            result["reserve_batches"] = batch_sizes(batches_before, await self.reserve_batches())
         if audit and scenario.target == "server":
             result["audit"] = await self.audit(audit_prefixes)
             if not result["audit"]["clean"]:
@@ -726,11 +764,14 @@ class Bench:
 
     def start_profile(self, name: str, server: ServerProcess, load: Load) -> Any:
         py_spy = BIN / "py-spy"
-        if not py_spy.exists() or server.name != "server":
+        if server.name != "server":
             return None
         # BENCH_PROFILE_FORMAT=raw: collapsed stacks (one line per stack, with its sample count)
         # instead of a flame graph, for counting where the time goes with grep and sort.
         raw = os.environ.get("BENCH_PROFILE_FORMAT") == "raw"
+        # BENCH_PROFILE_NATIVE=1: C frames too (grpc core, uvloop, asyncpg's protocol), per
+        # thread. py-spy must pause the server for those, so the figures of that run are lower.
+        native = _env_flag("BENCH_PROFILE_NATIVE")
         out = RESULTS / "profiles" / (f"{name}.txt" if raw else f"{name}.svg")
         out.parent.mkdir(parents=True, exist_ok=True)
         delay = load.warmup + (1.5 if load.generator == "h2gen" else 0)
@@ -738,8 +779,10 @@ class Bench:
         async def record() -> None:
             await asyncio.sleep(delay)
             process = await asyncio.create_subprocess_exec(
-                str(py_spy), "record", "--nonblocking", "-d", str(int(load.duration)),
-                "-p", str(server.pid), "-o", str(out), *(["--format", "raw"] if raw else []),
+                str(py_spy), "record",
+                *(["--native", "--threads"] if native else ["--nonblocking"]),
+                "-d", str(int(load.duration)), "-p", str(server.pid), "-o", str(out),
+                *(["--format", "raw"] if raw else []),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
             await process.wait()
@@ -1009,7 +1052,7 @@ class Bench:
 COLUMNS = (
     ("scenario", 24), ("gen", 6), ("conc", 5), ("calls/s", 8), ("p50 ms", 7), ("p99 ms", 7),
     ("p99.9 ms", 8), ("server", 6), ("pg", 5), ("redis", 5), ("gen", 5), ("other", 5), ("steal", 5),
-    ("ratio", 6),
+    ("ratio", 6), ("batch", 5),
 )  # fmt: skip
 
 
@@ -1017,7 +1060,8 @@ def print_header(title: str) -> None:
     print(f"\n{title}")
     print(
         "CPU columns are cores used (CPU seconds / window seconds), other = the rest of the "
-        "machine, steal = cores the hypervisor gave to other guests; ratio is to the ceiling"
+        "machine, steal = cores the hypervisor gave to other guests; ratio is to the ceiling; "
+        "batch = mean calls per Reserve batch"
     )
     print("  ".join(f"{name:>{width}}" if i else f"{name:<{width}}"
                     for i, (name, width) in enumerate(COLUMNS)))  # fmt: skip
@@ -1050,6 +1094,7 @@ def print_row(result: dict[str, Any], ratio_value: float | None) -> None:
         _fmt(cores.get("other")),
         _fmt(cores.get("steal")),
         _fmt(ratio_value),
+        _fmt((result.get("reserve_batches") or {}).get("calls_per_batch"), 1),
     ]
     print(
         "  ".join(
@@ -1089,6 +1134,9 @@ async def main() -> int:
     settings = Settings.from_env()
     if not h2load_available():
         print("h2load is missing: apt-get install -y nghttp2-client", file=sys.stderr)
+        return 2
+    if settings.profile and not (BIN / "py-spy").exists():
+        print(f"PROFILE=1 needs py-spy: {BIN / 'pip'} install py-spy", file=sys.stderr)
         return 2
     bench = Bench(settings)
     started = time.monotonic()
