@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import grpc
 import redis.asyncio as redis_asyncio
@@ -49,6 +50,7 @@ import seed
 from h2gen import AUTH_TOKEN_VARIABLE
 from loadgen import Load, Measured, Meters, h2load_available, latency_summary, run_load, timed
 from procstat import machine_busy_seconds, tree_rss_bytes
+from prometheus_client.parser import text_string_to_metric_families
 
 from credits.v1 import credits_pb2 as pb
 
@@ -540,17 +542,15 @@ class Bench:
 
     async def reserve_batches(self) -> tuple[float, float]:
         """The server's Reserve batches and the calls in them so far (its /metrics)."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
-        try:
-            writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-            text = (await reader.read()).decode()
-        finally:
-            writer.close()
-        values = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("credits_reserve_batches_total", "credits_reserve_batch_requests_total"):
-                values[name] = float(value)
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            response.raise_for_status()
+            text = await response.text()
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
         return (
             values.get("credits_reserve_batches_total", 0.0),
             values.get("credits_reserve_batch_requests_total", 0.0),
