@@ -341,14 +341,18 @@ async def run_canary(target: str, body: bytes, stop: asyncio.Event) -> dict[str,
     return statuses
 
 
-def batch_sizes(before: tuple[float, float], after: tuple[float, float]) -> dict[str, Any]:
+def batch_sizes(
+    before: tuple[float, float, float], after: tuple[float, float, float]
+) -> dict[str, Any]:
     """Reserve batches over a scenario (warm-up and tail included): at peak the event loop is
-    the bottleneck and throughput follows the mean batch size (docs/performance.md)."""
-    batches, calls = after[0] - before[0], after[1] - before[1]
+    the bottleneck and throughput follows the mean batch size (docs/performance.md). Fill waits:
+    batches that waited for calls because the server was saturated."""
+    batches, calls, fill_waits = (a - b for a, b in zip(after, before, strict=True))
     return {
         "batches": int(batches),
         "calls": int(calls),
         "calls_per_batch": round(calls / batches, 2) if batches else None,
+        "fill_waits": int(fill_waits),
     }
 
 
@@ -540,8 +544,9 @@ class Bench:
         assert self.meter_conn is not None
         return int(await self.meter_conn.fetchval("SELECT sum(last_sequence) FROM wallets"))
 
-    async def reserve_batches(self) -> tuple[float, float]:
-        """The server's Reserve batches and the calls in them so far (its /metrics)."""
+    async def reserve_batches(self) -> tuple[float, float, float]:
+        """The server's Reserve batches, the calls in them and the batches that waited to fill
+        so far (its /metrics)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         async with aiohttp.ClientSession() as http, http.get(url) as response:
             response.raise_for_status()
@@ -554,6 +559,7 @@ class Bench:
         return (
             values.get("credits_reserve_batches_total", 0.0),
             values.get("credits_reserve_batch_requests_total", 0.0),
+            values.get("credits_reserve_batch_fill_waits_total", 0.0),
         )
 
     async def naive_holds(self) -> int:
@@ -782,6 +788,7 @@ class Bench:
                 str(py_spy), "record",
                 *(["--native", "--threads"] if native else ["--nonblocking"]),
                 "-d", str(int(load.duration)), "-p", str(server.pid), "-o", str(out),
+                "-r", os.environ.get("BENCH_PROFILE_RATE", "100"),
                 *(["--format", "raw"] if raw else []),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip

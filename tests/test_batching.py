@@ -8,6 +8,7 @@ the one-call path cannot pass for the batch path.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import pytest
 from conftest import assert_no_failed_batches
 from sqlalchemy.engine import make_url
 
+from store import limits
 from store.audit import audit
 from store.cache import LocalBalanceCache
 from store.clock import ManualClock
@@ -629,3 +631,95 @@ async def test_two_replicas_mixing_every_write_on_few_wallets_keep_every_credit(
     assert sum(c.largest_batch > 1 for c in counters) >= 1
     # The point of the mix: batches did lose wallets to the other replica and decided again.
     assert sum(c.lost_compare_and_set for c in counters) >= 1
+
+
+@asynccontextmanager
+async def saturated_loop() -> AsyncIterator[None]:
+    """Something else keeps the event loop's thread on the CPU all the time, as a flood of
+    calls would: to the batchers, the server is saturated."""
+    stop = asyncio.Event()
+
+    async def spin() -> None:
+        while not stop.is_set():
+            busy_until = time.perf_counter() + 0.002
+            while time.perf_counter() < busy_until:
+                pass
+            await asyncio.sleep(0)
+
+    spinner = asyncio.create_task(spin())
+    try:
+        yield
+    finally:
+        stop.set()
+        await spinner
+
+
+async def test_a_saturated_server_lets_batches_wait_to_fill_and_an_idle_one_never_does(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    account = accounts("fill")
+    await fund(pg_ledger, account, 1_000)
+    counters = batcher(pg_ledger).counters
+
+    async def wave(name: str) -> None:
+        results = await asyncio.gather(
+            *(outcome(pg_ledger, account, 1, f"{name}-{i}") for i in range(20))
+        )
+        assert set(results) == {"OK"}
+
+    # Idle between waves: the loop's thread is mostly off the CPU, so no batch waits.
+    for n in range(3):
+        await asyncio.sleep(0.05)
+        await wave(f"idle{n}")
+    assert counters.filled == 0 and counters.largest_batch >= limits.BATCH_FILL_AFTER_CALLS
+    assert batcher(pg_ledger).loop_cpu_share < limits.BATCH_FILL_CPU_SHARE_MIN
+
+    # Saturated: batches after a big one wait to fill.
+    async with saturated_loop():
+        for n in range(5):
+            await wave(f"busy{n}")
+    assert counters.filled >= 1 and counters.failed_batches == 0
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (1_000 - 160, 160)
+
+
+async def test_a_batch_waiting_to_fill_starts_at_once_when_the_batcher_closes(
+    postgres_url: str, clock: ManualClock, accounts: Accounts
+) -> None:
+    """close() neither waits out a fill wait nor spins on it: the waiting callers are answered."""
+    engine = create_engine(postgres_url)
+    try:
+        # A wait far longer than the test: had the timer ended it, `filled` would count it.
+        ledger = Ledger(
+            engine, clock, LedgerSettings(batch_fill_wait_ms=limits.BATCH_FILL_WAIT_MS_MAX)
+        )
+        account = accounts("closing")
+        await fund(ledger, account, 100)
+        reserving = batcher(ledger)
+        async with saturated_loop():
+            for n in range(10):
+                first = await asyncio.gather(
+                    *(outcome(ledger, account, 1, f"w{n}-{i}") for i in range(20))
+                )
+                assert set(first) == {"OK"}
+                calls = asyncio.gather(
+                    *(outcome(ledger, account, 1, f"c{n}-{i}") for i in range(3))
+                )
+                await asyncio.sleep(0)
+                if reserving._filling_until is not None:
+                    break
+                await calls
+            assert reserving._filling_until is not None, "a batch waits to fill"
+            filled_before = reserving.counters.filled
+            await ledger.close()
+            assert await calls == ["OK"] * 3
+        assert reserving.counters.filled == filled_before and reserving._filling_until is None
+    finally:
+        await engine.dispose()
+
+
+def test_the_fill_wait_is_bounded() -> None:
+    with pytest.raises(ValueError, match="fill wait"):
+        LedgerSettings(batch_fill_wait_ms=limits.BATCH_FILL_WAIT_MS_MAX + 1)
+    with pytest.raises(ValueError, match="fill wait"):
+        LedgerSettings(batch_fill_wait_ms=-1)

@@ -34,6 +34,7 @@ from billing.config import Overrides
 from credits.v1 import credits_pb2 as pb
 from server import config as server_config
 from server import tracing
+from store import limits
 from store.clock import ManualClock
 
 Accounts = Callable[[str], str]
@@ -148,8 +149,12 @@ async def test_rpc_latency_and_counts_are_served_by_method_and_code(
     assert after.value("credits_db_pool_size") >= 1
     if database_url.startswith("postgres"):  # the Reserve above went in a batch
         assert after.value("credits_db_batch_connections", state="open") >= 1
+        # Two lone calls on an idle server: neither batch waited to fill.
+        assert after.value("credits_reserve_batch_fill_waits_total") == 0
+        assert 0 <= after.value("credits_event_loop_cpu_share") < 1
     else:
         assert not after.has("credits_db_batch_connections")
+        assert not after.has("credits_reserve_batch_fill_waits_total")
     assert after.has("process_resident_memory_bytes")
 
 
@@ -292,6 +297,26 @@ def test_metrics_and_tracing_flags_default_off_and_refuse_a_bad_address(
     )
     with pytest.raises(SystemExit):
         server_config.load(["--metrics-listen", "9464"])
+
+
+async def test_the_batch_fill_wait_flag_reaches_the_batchers_and_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, start_server: Any, postgres_url: str
+) -> None:
+    monkeypatch.delenv("CREDITS_BATCH_FILL_WAIT_MS", raising=False)
+    _, config = server_config.load([])
+    assert config.batch_fill_wait_ms == limits.BATCH_FILL_WAIT_MS_DEFAULT
+    monkeypatch.setenv("CREDITS_BATCH_FILL_WAIT_MS", "0")
+    _, config = server_config.load([])
+    assert config.batch_fill_wait_ms == 0
+    for bad in ("-1", str(limits.BATCH_FILL_WAIT_MS_MAX + 1)):
+        with pytest.raises(SystemExit):
+            server_config.load(["--batch-fill-wait-ms", bad])
+
+    server = await start_server(postgres_url, batch_fill_wait_ms=12)
+    ledger = server.app.ledger
+    assert ledger.reserve_batcher is not None and ledger.resolve_batcher is not None
+    assert ledger.reserve_batcher.fill_wait_seconds == ledger.resolve_batcher.fill_wait_seconds
+    assert ledger.reserve_batcher.fill_wait_seconds == 0.012
 
 
 # ---- tracing ------------------------------------------------------------------------------------

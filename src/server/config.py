@@ -59,6 +59,8 @@ class ServerConfig:
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     # With Redis: how long each replica reuses a snapshot it read or wrote (0: always ask Redis).
     near_cache_ms: int = NEAR_SNAPSHOT_TTL_MS_DEFAULT
+    # Postgres: how long a group-commit batch may wait to fill while the server is saturated.
+    batch_fill_wait_ms: int = limits.BATCH_FILL_WAIT_MS_DEFAULT
 
 
 def _env(name: str, default: str) -> str:
@@ -233,6 +235,16 @@ def parser() -> argparse.ArgumentParser:
         f"this one's cached reads that long (CREDITS_NEAR_CACHE_MS, default "
         f"{NEAR_SNAPSHOT_TTL_MS_DEFAULT}, 0 to {NEAR_SNAPSHOT_TTL_MS_MAX}; 0: off)",
     )
+    p.add_argument(
+        "--batch-fill-wait-ms",
+        type=int,
+        default=int(_env("CREDITS_BATCH_FILL_WAIT_MS", str(limits.BATCH_FILL_WAIT_MS_DEFAULT))),
+        help="on Postgres, while the server is saturated (its event loop's thread on the CPU "
+        f"{limits.BATCH_FILL_CPU_SHARE_MIN:.0%} of the time or more), let a Reserve, Commit or "
+        "Release batch wait this long for more calls: bigger batches cost less CPU per call "
+        f"(CREDITS_BATCH_FILL_WAIT_MS, default {limits.BATCH_FILL_WAIT_MS_DEFAULT}, "
+        f"0 to {limits.BATCH_FILL_WAIT_MS_MAX}; 0: never wait)",
+    )
     for name, variable in RATE_ENVIRONMENT_VARIABLES.items():
         default = getattr(RateLimitConfig(), name)
         p.add_argument(
@@ -279,9 +291,14 @@ def load(argv: list[str] | None = None) -> tuple[str, ServerConfig]:
         otlp_endpoint=args.otlp_endpoint,
         rate_limits=_rate_limits(args),
         near_cache_ms=args.near_cache_ms,
+        batch_fill_wait_ms=args.batch_fill_wait_ms,
     )
     if not 0 <= config.near_cache_ms <= NEAR_SNAPSHOT_TTL_MS_MAX:
         parser().error(f"--near-cache-ms must be between 0 and {NEAR_SNAPSHOT_TTL_MS_MAX}")
+    if not 0 <= config.batch_fill_wait_ms <= limits.BATCH_FILL_WAIT_MS_MAX:
+        parser().error(
+            f"--batch-fill-wait-ms must be between 0 and {limits.BATCH_FILL_WAIT_MS_MAX}"
+        )
     if not 1 <= config.redis_timeout_ms <= 5000:
         parser().error("--redis-timeout-ms must be between 1 and 5000")
     if not 0.05 <= config.sweep_interval_seconds <= 3600:

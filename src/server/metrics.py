@@ -321,7 +321,19 @@ class _ReserveBatchCollector(Collector):
             "on the locking path (contention on a wallet from elsewhere)",
         )
         locking.add_metric((), counters.lost_compare_and_set)
-        return (batches, requests, failed, handed_back, locking)
+        filled = CounterMetricFamily(
+            "credits_reserve_batch_fill_waits",
+            "Batches that waited (up to --batch-fill-wait-ms) for calls to fill them because "
+            "the event loop's thread was saturated (bigger batches cost less CPU per call)",
+        )
+        filled.add_metric((), counters.filled)
+        loop_share = GaugeMetricFamily(
+            "credits_event_loop_cpu_share",
+            "Share of wall time the event loop's thread spent on the CPU lately, as the Reserve "
+            "batcher last measured it (near 1: the process is saturated)",
+        )
+        loop_share.add_metric((), self._batcher.loop_cpu_share)
+        return (batches, requests, failed, handed_back, locking, filled, loop_share)
 
 
 class _PoolCollector(Collector):

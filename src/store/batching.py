@@ -2,11 +2,15 @@
 
 A batcher queues calls; each batch commits once for all of its calls (one fsync): by default
 in one transaction (`settle`, whose `decide` the subclass writes); Reserve settles its batches
-otherwise (store/reserve_batch.py). There is no timer: a batch takes whatever queued while the
-previous one ran, so an idle server answers a lone call at once and a busy one puts more calls
-in each commit (one batch at a time makes the biggest batches, and CPU per call falls as they
-grow). A second batch starts only beside one that has run for BATCH_STALL_SECONDS (waiting on a
-wallet another transaction holds, say), so one slow wallet never holds up everyone else.
+otherwise (store/reserve_batch.py). A batch takes whatever queued while the previous one ran,
+so an idle server answers a lone call at once and a busy one puts more calls in each commit
+(one batch at a time makes the biggest batches, and CPU per call falls as they grow). Only a
+saturated server (its event loop's thread on the CPU nearly all the time, store/loop_load.py,
+after a batch of BATCH_FILL_AFTER_CALLS or more) lets the next batch wait a few milliseconds to
+fill: there every call waits in gRPC's queues anyway, and the CPU a bigger batch saves is what
+limits throughput. A second batch starts only beside one that has run for BATCH_STALL_SECONDS
+(waiting on a wallet another transaction holds, say), so one slow wallet never holds up everyone
+else.
 
 Whatever a batch does not settle (its subclass leaves the call out of `decided`), and every
 call of a batch that failed before committing it, goes back to its caller as None: the
@@ -28,6 +32,7 @@ from store.batch_pool import BatchConnections
 from store.cache import WalletSnapshot
 from store.clock import Clock
 from store.errors import LedgerError
+from store.loop_load import LoopLoad
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,8 @@ class BatchCounters:
     # Batches that wrote without locks and found a wallet moved or held since their read (or
     # a key taken): those calls went the batch's locking path.
     lost_compare_and_set: int = 0
+    # Batches that waited to fill because the server was saturated.
+    filled: int = 0
 
 
 class Batcher(ABC, Generic[RequestT, OutcomeT]):
@@ -112,6 +119,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         admission: Admission | None = None,
         batch_max: int = limits.BATCH_MAX,
         batches_in_flight_max: int = limits.BATCHES_IN_FLIGHT_MAX,
+        fill_wait_seconds: float = limits.BATCH_FILL_WAIT_MS_DEFAULT / 1000,
     ) -> None:
         self.connections = connections
         self.admission = admission
@@ -127,6 +135,11 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self._tasks: dict[asyncio.Task[None], float] = {}
         self._live: set[asyncio.Task[None]] = set()
         self._recheck: asyncio.TimerHandle | None = None
+        self.fill_wait_seconds = fill_wait_seconds
+        self._loop_load = LoopLoad()
+        # While a batch waits to fill (the server is saturated): when it starts at the latest.
+        self._filling_until: float | None = None
+        self._last_batch_size = 0
 
     async def submit(self, request: RequestT) -> OutcomeT | None:
         """The outcome decided in a batch, or None: take the one-call path."""
@@ -138,6 +151,14 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
 
     async def close(self) -> None:
         """Waits for the batches in flight (their callers are waiting for them)."""
+        # Whatever waits to fill starts now.
+        self.fill_wait_seconds = 0
+        if self._filling_until is not None:
+            self._filling_until = None
+            if self._recheck is not None:
+                self._recheck.cancel()
+                self._recheck = None
+            self._start_batches()
         while self._live or self._queue:
             await asyncio.gather(*self._live, return_exceptions=True)
             if not self._live and self._queue:
@@ -157,12 +178,18 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
 
     def _start_batches(self) -> None:
         if self._recheck is not None:
-            # A recheck is due already, and an arrival changes nothing about when: only a batch
-            # leaving (_reschedule) does. Every submit comes here, so this stays O(1).
-            return
+            if self._filling_until is None or len(self._queue) < self.batch_max:
+                # A recheck is due already, and an arrival changes nothing about when: only a
+                # batch leaving (_reschedule) or a full batch does. Every submit comes here, so
+                # this stays O(1).
+                return
+            self._recheck.cancel()
+            self._recheck = None
         loop = asyncio.get_running_loop()
         while self._queue and len(self._tasks) < self.batches_in_flight_max:
             now = loop.time()
+            if not self._tasks and self._wait_to_fill(loop, now):
+                return
             youngest_age = min((now - t for t in self._tasks.values()), default=None)
             if youngest_age is not None and youngest_age < limits.BATCH_STALL_SECONDS:
                 self._recheck = loop.call_later(
@@ -171,10 +198,34 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
                 return
             batch = self._queue[: self.batch_max]
             del self._queue[: self.batch_max]
+            self._last_batch_size = len(batch)
             task = asyncio.create_task(self._run(batch))
             self._tasks[task] = now
             self._live.add(task)
             task.add_done_callback(self._finished)
+
+    @property
+    def loop_cpu_share(self) -> float:
+        """The event loop thread's CPU share as last measured (store/loop_load.py)."""
+        return self._loop_load.share
+
+    def _wait_to_fill(self, loop: asyncio.AbstractEventLoop, now: float) -> bool:
+        """Whether the next batch waits for more calls (a recheck is then due when it stops):
+        only while the server is saturated, up to fill_wait_seconds, until the batch is full."""
+        if self._filling_until is None:
+            saturated = (
+                self._loop_load.look() >= limits.BATCH_FILL_CPU_SHARE_MIN
+                and self._last_batch_size >= limits.BATCH_FILL_AFTER_CALLS
+            )
+            if not saturated or self.fill_wait_seconds <= 0 or len(self._queue) >= self.batch_max:
+                return False
+            self._filling_until = now + self.fill_wait_seconds
+        elif now >= self._filling_until or len(self._queue) >= self.batch_max:
+            self._filling_until = None
+            self.counters.filled += 1
+            return False
+        self._recheck = loop.call_at(self._filling_until, self._recheck_due)
+        return True
 
     def _recheck_due(self) -> None:
         self._recheck = None

@@ -81,6 +81,8 @@ class LedgerSettings:
     # Postgres only: concurrent Reserve, Commit and Release calls share transactions
     # (store/batching.py).
     batch_writes: bool = True
+    # How long a batch may wait for more calls while the server is saturated (0: never).
+    batch_fill_wait_ms: int = limits.BATCH_FILL_WAIT_MS_DEFAULT
 
     def __post_init__(self) -> None:
         if (
@@ -98,6 +100,8 @@ class LedgerSettings:
             <= self.hold_ttl_seconds_max
         ):
             raise ValueError("hold TTL default must be between 1 s and the hold TTL max")
+        if not 0 <= self.batch_fill_wait_ms <= limits.BATCH_FILL_WAIT_MS_MAX:
+            raise ValueError(f"batch fill wait must be 0..{limits.BATCH_FILL_WAIT_MS_MAX} ms")
         if self.idempotency_retention_seconds < limits.IDEMPOTENCY_RETENTION_SECONDS_MIN:
             raise ValueError("idempotency keys must be kept at least 24 h (86400 s)")
 
@@ -146,8 +150,13 @@ class Ledger:
                 shared_first=cache is not None and not cache.keeps_local_copy,
             )
             pool = self.batch_connections
-            self.reserve_batcher = ReserveBatcher(pool, self.clock, publish, admission=admission)
-            self.resolve_batcher = ResolveBatcher(pool, self.clock, publish, admission=admission)
+            fill_wait_seconds = self.settings.batch_fill_wait_ms / 1000
+            self.reserve_batcher = ReserveBatcher(
+                pool, self.clock, publish, admission=admission, fill_wait_seconds=fill_wait_seconds
+            )
+            self.resolve_batcher = ResolveBatcher(
+                pool, self.clock, publish, admission=admission, fill_wait_seconds=fill_wait_seconds
+            )
 
     async def close(self) -> None:
         """Lets the batches in flight finish (their callers are waiting), then closes their

@@ -84,6 +84,15 @@ BATCH_MAX: Final = 128
 BATCH_STALL_SECONDS: Final = 0.02
 BATCHES_IN_FLIGHT_MAX: Final = 4
 BATCH_TIMEOUT_SECONDS: Final = 5.0
+# A saturated server (its event loop's thread on the CPU at least this share of the time,
+# store/loop_load.py, measured over windows this long) lets a batch wait up to this long for
+# calls to fill it before it starts: per call, a bigger batch costs less CPU, and every call
+# waits in gRPC's core anyway. A server below the share never waits.
+BATCH_FILL_CPU_SHARE_MIN: Final = 0.85
+BATCH_FILL_WAIT_MS_DEFAULT: Final = 5
+BATCH_FILL_WAIT_MS_MAX: Final = 50
+BATCH_FILL_AFTER_CALLS: Final = 8
+LOOP_LOAD_WINDOW_SECONDS: Final = 0.01
 # The batchers' own connections (store/batch_pool.py), beside the engine's pool: each batch in
 # flight holds one. Transactions: a Commit or Release batch, or a Reserve batch on its locking
 # path. Generic plans: a Reserve batch's read and write (it holds no other meanwhile).
