@@ -85,9 +85,10 @@ BATCH_STALL_SECONDS: Final = 0.02
 BATCHES_IN_FLIGHT_MAX: Final = 4
 BATCH_TIMEOUT_SECONDS: Final = 5.0
 # A saturated server (its event loop's thread on the CPU at least this share of the time,
-# store/loop_load.py, measured over windows this long) lets a batch wait up to this long for
-# calls to fill it before it starts: per call, a bigger batch costs less CPU, and every call
-# waits in gRPC's core anyway. A server below the share never waits.
+# store/loop_load.py, measured over windows this long), right after a batch of at least this
+# many calls, lets the next batch wait up to this long for calls to fill it before it starts:
+# per call, a bigger batch costs less CPU, and every call waits in gRPC's core anyway. A server
+# below the share never waits, nor one whose batches are small (2 to 3 calls at half of peak).
 BATCH_FILL_CPU_SHARE_MIN: Final = 0.85
 BATCH_FILL_WAIT_MS_DEFAULT: Final = 5
 BATCH_FILL_WAIT_MS_MAX: Final = 50

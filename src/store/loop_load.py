@@ -30,7 +30,8 @@ class LoopLoad:
         elapsed_s = wall_s - self._wall_s
         if elapsed_s >= limits.LOOP_LOAD_WINDOW_SECONDS:
             cpu_s = time.thread_time()
-            share = min(1.0, (cpu_s - self._cpu_s) / elapsed_s)
+            # Clamped: a first look from another thread than the creator's is off, once.
+            share = min(1.0, max(0.0, (cpu_s - self._cpu_s) / elapsed_s))
             # An even mix of the last window and the ones before: one burst or pause moves
             # it half-way, and a few windows in a row settle it.
             self.share = (self.share + share) / 2
