@@ -107,6 +107,10 @@ class Settings:
     sweep_levels: tuple[int, ...]
     only: frozenset[str]
     profile: bool
+    # PROFILE=1: py-spy's collapsed stacks instead of a flame graph, C frames too, samples/s.
+    profile_raw: bool
+    profile_native: bool
+    profile_rate_hz: int
     full_audit: bool
     keep: bool
     server_args: tuple[str, ...]
@@ -140,6 +144,9 @@ class Settings:
             ),
             only=frozenset(x for x in (os.environ.get("SCENARIOS") or "").split(",") if x),
             profile=_env_flag("PROFILE"),
+            profile_raw=os.environ.get("BENCH_PROFILE_FORMAT") == "raw",
+            profile_native=_env_flag("BENCH_PROFILE_NATIVE"),
+            profile_rate_hz=_env_int("BENCH_PROFILE_RATE", 100),
             full_audit=_env_flag("BENCH_FULL_AUDIT"),
             keep=_env_flag("BENCH_KEEP"),
             server_args=tuple(shlex.split(os.environ.get("BENCH_SERVER_ARGS") or "")),
@@ -774,10 +781,10 @@ class Bench:
             return None
         # BENCH_PROFILE_FORMAT=raw: collapsed stacks (one line per stack, with its sample count)
         # instead of a flame graph, for counting where the time goes with grep and sort.
-        raw = os.environ.get("BENCH_PROFILE_FORMAT") == "raw"
+        raw = self.settings.profile_raw
         # BENCH_PROFILE_NATIVE=1: C frames too (grpc core, uvloop, asyncpg's protocol), per
         # thread. py-spy must pause the server for those, so the figures of that run are lower.
-        native = _env_flag("BENCH_PROFILE_NATIVE")
+        native = self.settings.profile_native
         out = RESULTS / "profiles" / (f"{name}.txt" if raw else f"{name}.svg")
         out.parent.mkdir(parents=True, exist_ok=True)
         delay = load.warmup + (1.5 if load.generator == "h2gen" else 0)
@@ -788,7 +795,7 @@ class Bench:
                 str(py_spy), "record",
                 *(["--native", "--threads"] if native else ["--nonblocking"]),
                 "-d", str(int(load.duration)), "-p", str(server.pid), "-o", str(out),
-                "-r", os.environ.get("BENCH_PROFILE_RATE", "100"),
+                "-r", str(self.settings.profile_rate_hz),
                 *(["--format", "raw"] if raw else []),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
