@@ -155,10 +155,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self.fill_wait_seconds = 0
         if self._filling_until is not None:
             self._filling_until = None
-            if self._recheck is not None:
-                self._recheck.cancel()
-                self._recheck = None
-            self._start_batches()
+            self._reschedule()
         while self._live or self._queue:
             await asyncio.gather(*self._live, return_exceptions=True)
             if not self._live and self._queue:
