@@ -6,7 +6,9 @@ import asyncio
 import filecmp
 import importlib.util
 import pathlib
+import subprocess
 import sys
+import tomllib
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -63,3 +65,21 @@ def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: 
 
 def test_server_module_runs_under_this_interpreter() -> None:
     assert sys.version_info >= (3, 11)
+
+
+def test_every_command_prints_its_help() -> None:
+    """`--help` renders every flag's help text (argparse formats it with %, so a stray percent
+    sign in one help string breaks the whole page)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    commands = [[name] for name in scripts] + [
+        ["credits-server", "callers", "--help"],
+        ["credits-server", "callers", "add", "--help"],
+    ]
+    bin_dir = pathlib.Path(sys.executable).parent
+    for command in commands:
+        argv = [str(bin_dir / command[0]), *command[1:]]
+        if argv[-1] != "--help":
+            argv.append("--help")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{' '.join(command)} --help:\n{done.stderr}"
+        assert "usage:" in done.stdout, done.stdout

@@ -240,8 +240,10 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("CREDITS_BATCH_FILL_WAIT_MS", str(limits.BATCH_FILL_WAIT_MS_DEFAULT))),
         help="on Postgres, while the server is saturated (its event loop's thread on the CPU "
-        f"{limits.BATCH_FILL_CPU_SHARE_MIN:.0%} of the time or more), let a Reserve, Commit or "
-        "Release batch wait this long for more calls: bigger batches cost less CPU per call "
+        # %% : argparse formats help texts with %.
+        f"{limits.BATCH_FILL_CPU_SHARE_MIN * 100:.0f}%% of the time or more), let a Reserve, "
+        "Commit or Release batch wait this long for more calls: bigger batches cost less CPU per "
+        "call "
         f"(CREDITS_BATCH_FILL_WAIT_MS, default {limits.BATCH_FILL_WAIT_MS_DEFAULT}, "
         f"0 to {limits.BATCH_FILL_WAIT_MS_MAX}; 0: never wait)",
     )
