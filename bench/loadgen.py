@@ -107,6 +107,8 @@ class Meters:
     def _trees(self) -> dict[str, float]:
         values = {
             "server": procstat.tree_cpu_seconds(self.server_pids),
+            # Not CPU used: time the server's threads were ready but waited for a core.
+            "server_wait": procstat.tree_runqueue_wait_seconds(self.server_pids),
             "generator": procstat.tree_cpu_seconds(self.generator_pids),
             "machine": procstat.machine_busy_seconds(),
             "steal": procstat.machine_steal_seconds(),
@@ -137,7 +139,9 @@ class Meters:
         result.setdefault("redis", None)
         # Everything else the machine did meanwhile: other processes, the kernel, this script;
         # not the hypervisor's steal, which has its own figure.
-        ours = sum(v or 0.0 for k, v in result.items() if k not in ("machine", "steal"))
+        ours = sum(
+            v or 0.0 for k, v in result.items() if k not in ("machine", "steal", "server_wait")
+        )
         result["other"] = round((result["machine"] or 0.0) - ours - (result["steal"] or 0.0), 3)
         return result
 

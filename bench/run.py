@@ -1065,8 +1065,8 @@ class Bench:
 
 COLUMNS = (
     ("scenario", 24), ("gen", 6), ("conc", 5), ("calls/s", 8), ("p50 ms", 7), ("p99 ms", 7),
-    ("p99.9 ms", 8), ("server", 6), ("pg", 5), ("redis", 5), ("gen", 5), ("other", 5), ("steal", 5),
-    ("ratio", 6), ("batch", 5),
+    ("p99.9 ms", 8), ("server", 6), ("wait", 5), ("pg", 5), ("redis", 5), ("gen", 5),
+    ("other", 5), ("steal", 5), ("ratio", 6), ("batch", 5),
 )  # fmt: skip
 
 
@@ -1074,7 +1074,8 @@ def print_header(title: str) -> None:
     print(f"\n{title}")
     print(
         "CPU columns are cores used (CPU seconds / window seconds), other = the rest of the "
-        "machine, steal = cores the hypervisor gave to other guests; ratio is to the ceiling; "
+        "machine, steal = cores the hypervisor gave to other guests; wait = cores' worth of time "
+        "the server's threads were ready to run but waited for a core; ratio is to the ceiling; "
         "batch = mean calls per Reserve batch"
     )
     print("  ".join(f"{name:>{width}}" if i else f"{name:<{width}}"
@@ -1102,6 +1103,7 @@ def print_row(result: dict[str, Any], ratio_value: float | None) -> None:
         _fmt(latency.get("p99_ms")),
         _fmt(latency.get("p999_ms")),
         _fmt(cores.get("server")),
+        _fmt(cores.get("server_wait")),
         _fmt(cores.get("postgres")),
         _fmt(cores.get("redis")),
         _fmt(cores.get("generator")),
