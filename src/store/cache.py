@@ -192,8 +192,9 @@ class LocalBalanceCache:
         self._entries[key] = (now + self.ttl_ms / 1000, version, *fields)
         self._entries.move_to_end(key)
         self.counters.writes += 1
-        # Least recently used first: drop from there what has expired (near copies live 100 ms,
-        # so this keeps a few hundred, not a hundred thousand), and anything over the bound.
+        # Least recently used first: drop from there what has expired, and anything over the
+        # bound. A near copy lives 100 ms, so it holds about what was touched in the last 100 ms
+        # instead of every wallet up to the bound.
         entries = self._entries
         while entries and (
             len(entries) > self.entries_max or next(iter(entries.values()))[0] <= now
