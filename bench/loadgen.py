@@ -51,6 +51,7 @@ class Load:
     hot_account: str = ""
     run_id: str = ""
     workers: int = 1
+    page_size: int = 0  # History pages; 0: the server's default
     # h2load
     method: str = ""
     body: bytes = b""
@@ -303,6 +304,7 @@ async def run_h2gen(load: Load, meters: Meters, workdir: Path, name: str) -> Mea
         "duration": load.duration,
         "tail": TAIL_SECONDS,
         "workers": load.workers,
+        "page_size": load.page_size,
     }
     plan_file = workdir / f"{name}.plan.json"
     _write_plan(plan_file, plan)

@@ -9,10 +9,11 @@ itself would have written, so the journal audit (`credits-server audit`) is clea
   purchase, priority 100, never expiring) and a GRANT journal entry with sequence 1 whose
   grant_effects_json is `[["grt_...",balance,0,0,0]]` (grant id, remaining, held, consumed and
   expired deltas), like `Ledger._add_credits` writes;
-- with `history_pairs` > 0 (the SCALE mode), wallet i also has h = history_pairs + i % 2 past
-  reservations of 1 credit, each committed: a RESERVE entry (`[[grant,-1,1,0,0]]`, amount 0)
-  then a COMMIT entry (`[[grant,0,-1,1,0]]`, amount -1), a `committed` reservations row with
-  its slice, so wallets.last_sequence = 1 + 2h and the grant has consumed = h.
+- with `history_pairs` > 0 (bench/run.py seeds every wallet so), wallet i also has
+  h = history_pairs + i % 2 past reservations of 1 credit, each committed: a RESERVE entry
+  (`[[grant,-1,1,0,0]]`, amount 0) then a COMMIT entry (`[[grant,0,-1,1,0]]`, amount -1), a
+  `committed` reservations row with its slice, so wallets.last_sequence = 1 + 2h and the grant
+  has consumed = h.
 
 Idempotency records of these past calls are not written (as if pruned after their retention).
 """
