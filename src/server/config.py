@@ -241,9 +241,9 @@ def parser() -> argparse.ArgumentParser:
         default=int(_env("CREDITS_BATCH_FILL_WAIT_MS", str(limits.BATCH_FILL_WAIT_MS_DEFAULT))),
         help="on Postgres, while the server is saturated (its event loop's thread on the CPU "
         # %% : argparse formats help texts with %.
-        f"{limits.BATCH_FILL_CPU_SHARE_MIN * 100:.0f}%% of the time or more), let a Reserve, "
-        "Commit or Release batch wait this long for more calls: bigger batches cost less CPU per "
-        "call "
+        f"{limits.BATCH_FILL_CPU_SHARE_MIN * 100:.0f}%% of the time or more, right after a batch "
+        f"of {limits.BATCH_FILL_AFTER_CALLS} calls or more), let a Reserve, Commit or Release "
+        "batch wait this long for more calls: bigger batches cost less CPU per call "
         f"(CREDITS_BATCH_FILL_WAIT_MS, default {limits.BATCH_FILL_WAIT_MS_DEFAULT}, "
         f"0 to {limits.BATCH_FILL_WAIT_MS_MAX}; 0: never wait)",
     )

@@ -88,11 +88,14 @@ BATCH_TIMEOUT_SECONDS: Final = 5.0
 # store/loop_load.py, measured over windows this long), right after a batch of at least this
 # many calls, lets the next batch wait up to this long for calls to fill it before it starts:
 # per call, a bigger batch costs less CPU, and every call waits in gRPC's core anyway. A server
-# below the share never waits, nor one whose batches are small (2 to 3 calls at half of peak).
-BATCH_FILL_CPU_SHARE_MIN: Final = 0.85
+# below the share never waits, nor one whose batches are small (2 to 4 calls at half of peak).
+# The share is not 1 at saturation: the loop's thread also waits for gRPC's poller thread to
+# hand it calls, and read 0.76 to 0.91 at Reserve's peak on one machine, 0.77 to 0.80 on another
+# (docs/performance.md, lever 14); the batch size tells peak from half of it.
+BATCH_FILL_CPU_SHARE_MIN: Final = 0.70
 BATCH_FILL_WAIT_MS_DEFAULT: Final = 5
 BATCH_FILL_WAIT_MS_MAX: Final = 50
-BATCH_FILL_AFTER_CALLS: Final = 8
+BATCH_FILL_AFTER_CALLS: Final = 12
 LOOP_LOAD_WINDOW_SECONDS: Final = 0.01
 # The batchers' own connections (store/batch_pool.py), beside the engine's pool: each batch in
 # flight holds one. Transactions: a Commit or Release batch, or a Reserve batch on its locking
