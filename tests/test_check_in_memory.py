@@ -100,6 +100,31 @@ async def test_a_repeated_check_is_answered_in_memory_as_the_database_would(
     assert balances(again) == (True, 7, 3, 10, 0, pb.ACCOUNT_STATUS_ACTIVE)
 
 
+async def test_a_repeated_check_reuses_its_answer_until_the_balance_changes(
+    server: Any, accounts: Accounts
+) -> None:
+    # The cache hands out new snapshot objects on every read: a memo that compared them by
+    # identity never hit, and every cached CheckCredits built its message afresh.
+    account = accounts("memo")
+    request = pb.CheckCreditsRequest(account_id=account, amount=4)
+    await fund(server.stub, account, 10)
+    await server.stub.CheckCredits(request)  # fills the copy
+    service = server.app.service
+    first_memo_hits = service.checks_answered_from_memo
+    answers = [await server.stub.CheckCredits(request) for _ in range(3)]
+    assert service.checks_answered_from_memo >= first_memo_hits + 2
+    assert {balances(a) for a in answers} == {(True, 10, 0, 10, 0, pb.ACCOUNT_STATUS_ACTIVE)}
+    await server.stub.Reserve(
+        pb.ReserveRequest(account_id=account, amount=7, idempotency_key="r", ttl_seconds=600)
+    )
+    memo_hits = service.checks_answered_from_memo
+    changed = await server.stub.CheckCredits(request)
+    # A changed balance is never answered with the message kept for the old one.
+    assert service.checks_answered_from_memo == memo_hits
+    assert balances(changed) == (False, 3, 7, 10, 1, pb.ACCOUNT_STATUS_ACTIVE)
+    assert changed.cached
+
+
 async def test_an_answer_from_memory_follows_every_change_this_process_commits(
     server: Any, accounts: Accounts
 ) -> None:
