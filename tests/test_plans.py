@@ -1,5 +1,6 @@
 """The generic plans of Reserve's two batch statements reach every table by an index lookup,
-whatever the tables held when the plan was made.
+whatever the tables held when the plan was made; and Commit and Release update a reservation by
+its key, whatever the statistics say of pending reservations.
 
 Those statements run on connections that plan each statement once (store/batch_pool.py), so
 one plan serves every later batch of that connection. A plan made while a table was empty or
@@ -20,12 +21,17 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import _create_database, _drop_database, run_sync
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from store.batch_pool import GENERIC_PLAN_SETTINGS, BatchConnections
 from store.database import create_engine
+from store.ledger import pending_guard
 from store.migrate import migrate
 from store.reserve_batch import _GUARDED_WRITE_SQL, _SNAPSHOT_SQL
+from store.resolve_batch import _WRITE_SQL as _RESOLVE_WRITE_SQL
+from store.schema import reservations
 
 pytestmark = [pytest.mark.postgres]
 
@@ -144,3 +150,68 @@ async def test_batch_connections_plan_as_documented(private_database: str) -> No
     finally:
         await connections.close()
         await engine.dispose()
+
+
+def _reservations_sql(first: int, last: int, status: str) -> str:
+    resolved = "NULL" if status == "pending" else "1"
+    committed = "0" if status == "pending" else "1"
+    return f"""
+INSERT INTO reservations (account_id, reservation_id, credit_type, amount, status, created_at_us,
+    expires_at_us, resolved_at_us, amount_committed, amount_released, amount_expired, action,
+    request_id, metadata_json, idempotency_key, reserve_sequence, resolution_sequence)
+SELECT 'res' || i, 'rsv_' || i, 'default', 1, '{status}', 0, 0, {resolved}, {committed}, 0, 0,
+       '', '', '{{}}', 'k' || i, 2, {resolved}
+FROM generate_series({first}, {last}) AS i;
+"""
+
+
+def reservation_scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if node.get("Relation Name") == "reservations" and node["Node Type"].endswith("Scan"):
+        yield node
+    for child in node.get("Plans", ()):
+        yield from reservation_scans(child)
+
+
+async def test_resolving_updates_a_reservation_by_its_key_whatever_the_statistics_say(
+    conn: Any,
+) -> None:
+    """Statistics taken while nearly every reservation was resolved (a ledger with history, no
+    autovacuum since) made the planner expect about one pending reservation, and reach the
+    reservation to resolve through the hold sweeper's partial index of pending ones: a scan of
+    every pending reservation per Commit or Release batch (60 ms per batch at 23,000 pending,
+    in the bench). Both paths must look it up by its primary key."""
+    await conn.execute(_reservations_sql(1, ROWS, "committed"))
+    await conn.execute("ANALYZE reservations")
+    await conn.execute(_reservations_sql(ROWS + 1, ROWS + 5_000, "pending"))
+    # Commit and Release batches plan on transaction connections: afresh, with the values.
+    await conn.execute("SET plan_cache_mode = force_custom_plan")
+    account, reservation = f"res{ROWS + 7}", f"rsv_{ROWS + 7}"
+    no_text: list[str] = []
+    no_number: list[int] = []
+    batch = [
+        *(no_text, no_text, no_number, no_number, no_number, no_number),  # grants: $1-$6
+        1,  # now: $7
+        *([account], [reservation], ["committed"], [1], [0], [3]),  # reservations: $8-$13
+        *(no_text, no_text, no_number, no_text, no_number, no_number),  # journal: $14-$19
+        *(no_number, no_text, no_text, no_text, no_text, no_text),  # journal: $20-$25
+        *(no_text, no_text, no_number, no_number),  # wallets: $26-$29
+    ]
+    (batch_plan,) = await conn.fetchrow(f"EXPLAIN (FORMAT JSON) {_RESOLVE_WRITE_SQL}", *batch)
+    one_call = (
+        update(reservations)
+        .where(
+            reservations.c.account_id == account,
+            reservations.c.reservation_id == reservation,
+            pending_guard(),
+        )
+        .values(status="committed")
+        .compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+    )
+    (one_call_plan,) = await conn.fetchrow(f"EXPLAIN (FORMAT JSON) {one_call}")
+    for where, plan in (("batch", batch_plan), ("one call", one_call_plan)):
+        scans = list(reservation_scans(json.loads(plan)[0]["Plan"]))
+        assert scans, f"{where}: no scan of reservations?"
+        for scan in scans:
+            described = f"{where}: {scan['Node Type']} on {scan.get('Index Name')}"
+            assert scan.get("Index Name") == "pk_reservations", described
+            assert "Index Cond" in scan, described

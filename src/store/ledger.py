@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
@@ -71,6 +71,15 @@ from store.schema import (
     wallets,
 )
 from store.tx import Transactor
+
+
+def pending_guard() -> ColumnElement[bool]:
+    """`status = 'pending'` for an update of one reservation found by its key, written so that
+    the planner cannot use the hold sweeper's partial index (`WHERE status = 'pending'`) for
+    it: with statistics that saw few pending reservations it estimated one row there and
+    scanned them all (5.7 ms at 23,000) instead of the primary key (0.2 ms). status is never
+    NULL. resolve_batch.py's write does the same."""
+    return func.coalesce(reservations.c.status, "") == ReservationStatus.PENDING.value
 
 
 @dataclass(frozen=True)
@@ -699,7 +708,7 @@ class Ledger:
             .where(
                 reservations.c.account_id == reservation.account_id,
                 reservations.c.reservation_id == reservation.reservation_id,
-                reservations.c.status == ReservationStatus.PENDING.value,
+                pending_guard(),
             )
             .values(
                 status=status.value,
