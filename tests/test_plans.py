@@ -103,12 +103,14 @@ async def generic_plan(conn: Any, sql: str) -> dict[str, Any]:
     return plan
 
 
-def table_scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def table_scans(
+    node: dict[str, Any], tables: frozenset[str] | set[str] = TABLES
+) -> Iterator[dict[str, Any]]:
     # Inserts and updates (ModifyTable) name their table too: only reads are scans.
-    if node.get("Relation Name") in TABLES and node["Node Type"].endswith("Scan"):
+    if node.get("Relation Name") in tables and node["Node Type"].endswith("Scan"):
         yield node
     for child in node.get("Plans", ()):
-        yield from table_scans(child)
+        yield from table_scans(child, tables)
 
 
 def assert_index_lookups_only(plan: dict[str, Any], where: str) -> None:
@@ -165,13 +167,6 @@ FROM generate_series({first}, {last}) AS i;
 """
 
 
-def reservation_scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    if node.get("Relation Name") == "reservations" and node["Node Type"].endswith("Scan"):
-        yield node
-    for child in node.get("Plans", ()):
-        yield from reservation_scans(child)
-
-
 async def test_resolving_updates_a_reservation_by_its_key_whatever_the_statistics_say(
     conn: Any,
 ) -> None:
@@ -209,7 +204,7 @@ async def test_resolving_updates_a_reservation_by_its_key_whatever_the_statistic
     )
     (one_call_plan,) = await conn.fetchrow(f"EXPLAIN (FORMAT JSON) {one_call}")
     for where, plan in (("batch", batch_plan), ("one call", one_call_plan)):
-        scans = list(reservation_scans(json.loads(plan)[0]["Plan"]))
+        scans = list(table_scans(json.loads(plan)[0]["Plan"], {"reservations"}))
         assert scans, f"{where}: no scan of reservations?"
         for scan in scans:
             described = f"{where}: {scan['Node Type']} on {scan.get('Index Name')}"
