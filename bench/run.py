@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,13 @@ def postgres_io_per_call(
     spent = {key: after[key] - before[key] for key in after}
     per_call = {key: round(value / calls, 2) if calls else None for key, value in spent.items()}
     return {"total": spent, "per_call": per_call, "calls": calls}
+
+
+def median_ratio(ratios: Sequence[float | None]) -> float | None:
+    """The median of the rounds' ratios that were measured (a round with no throughput on
+    one side has none)."""
+    measured = [value for value in ratios if value is not None]
+    return round(statistics.median(measured), 3) if measured else None
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -942,8 +950,7 @@ class Bench:
                     print_row(ran[which], value if which == name else None)
                     rows.append(ran[which])
                 ratios.append(value)
-            measured = [value for value in ratios if value is not None]
-            median = round(statistics.median(measured), 3) if measured else None
+            median = median_ratio(ratios)
             first["rounds"] = ratios
             first["median_of_rounds"] = median
             print(f"  {name} / {ceiling}: " + ", ".join(_fmt(v) for v in ratios)

@@ -1,0 +1,67 @@
+"""The bench's own arithmetic: the median of paired rounds, Postgres's I/O per call and the
+database settings it may set (bench/run.py). The bench itself needs h2load and minutes; these
+are the parts a wrong figure would come from."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench_run() -> Iterator[ModuleType]:
+    # bench/run.py imports its neighbours (seed, loadgen, ...) as top-level modules, and its
+    # dataclasses look their module up in sys.modules.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_run"] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_run", None)
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_a_ratio_target_is_the_median_of_the_rounds_measured(bench_run: ModuleType) -> None:
+    # One round in a slow spell (0.63) does not move the target.
+    assert bench_run.median_ratio([0.84, 0.63, 0.84]) == 0.84
+    assert bench_run.median_ratio([1.063, 0.981, 0.826]) == 0.981
+    # A round with no throughput on one side has no ratio and does not count.
+    assert bench_run.median_ratio([0.9, None, 1.0]) == 0.95
+    assert bench_run.median_ratio([None]) is None
+    assert bench_run.median_ratio([]) is None
+
+
+def test_postgres_io_is_what_the_scenario_added_per_successful_call(
+    bench_run: ModuleType,
+) -> None:
+    before = {"wal_fpi": 10, "wal_bytes": 1_000, "blks_read": 5}
+    after = {"wal_fpi": 74, "wal_bytes": 401_000, "blks_read": 117}
+    io = bench_run.postgres_io_per_call(before, after, 10)
+    assert io["total"] == {"wal_fpi": 64, "wal_bytes": 400_000, "blks_read": 112}
+    assert io["per_call"] == {"wal_fpi": 6.4, "wal_bytes": 40_000.0, "blks_read": 11.2}
+    assert bench_run.postgres_io_per_call(before, after, 0)["per_call"]["wal_fpi"] is None
+    # No pg_stat_wal (Postgres before 14): no figure rather than a wrong one.
+    assert bench_run.postgres_io_per_call(None, after, 10) is None
+
+
+def test_database_settings_are_plain_names_with_values(bench_run: ModuleType) -> None:
+    assert bench_run._db_settings("") == ()
+    assert bench_run._db_settings("wal_compression=lz4, work_mem = 8MB") == (
+        ("wal_compression", "lz4"),
+        ("work_mem", "8MB"),
+    )
+    # The name goes into ALTER DATABASE as it is: anything but an identifier is refused.
+    for bad in ("wal_compression", "x; DROP DATABASE postgres=1", "a b=1", "=lz4"):
+        with pytest.raises(SystemExit):
+            bench_run._db_settings(bad)
