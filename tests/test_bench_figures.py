@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import shutil
 import sys
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -65,3 +67,38 @@ def test_database_settings_are_plain_names_with_values(bench_run: ModuleType) ->
     for bad in ("wal_compression", "x; DROP DATABASE postgres=1", "a b=1", "=lz4"):
         with pytest.raises(SystemExit):
             bench_run._db_settings(bad)
+
+
+def _row(calls_per_s: float, steal: float) -> dict[str, Any]:
+    return {"calls_per_s": calls_per_s, "cpu_cores": {"steal": steal}}
+
+
+def test_a_ratio_in_rounds_is_disturbed_only_when_most_rounds_were(
+    bench_run: ModuleType,
+) -> None:
+    bench = bench_run.Bench(bench_run.Settings.from_env())
+    try:
+        ratios = [0.84, 0.63, 0.84]
+        bench.results = {
+            "ceiling_grpc": _row(3000, 0.39),
+            "check_cached": {
+                **_row(2520, 0.40),
+                "ratio_to_ceiling": {"ratio": 0.84, "rounds": ratios, "median_of_rounds": 0.84},
+            },
+        }
+        # Round 2 lost 0.63 cores, round 3 none: the median ratio stands.
+        rows = [_row(1890, 0.63), _row(3000, 0.27), _row(4000, 0.04), _row(3360, 0.02)]
+        bench.report["rounds"] = {"check_cached": {"ceiling": "ceiling_grpc", "rows": rows}}
+        target = next(t for t in bench.targets() if t["target"].startswith("CheckCredits ("))
+        assert target["value"] == 0.84 and target["met"] is True
+        assert "median of 3 paired rounds" in target["target"]
+        # Per round, the more stolen row: 0.40, 0.63, 0.04; their median is 0.40.
+        assert target["steal_cores"] == 0.4 and target["disturbed"] is True
+        rows[3] = _row(3360, 0.0)
+        rows[0] = _row(1890, 0.05)
+        rows[1] = _row(3000, 0.05)
+        target = next(t for t in bench.targets() if t["target"].startswith("CheckCredits ("))
+        # 0.40, 0.05, 0.04: one disturbed round of three does not disturb the median.
+        assert target["steal_cores"] == 0.05 and target["disturbed"] is False
+    finally:
+        shutil.rmtree(bench.workdir, ignore_errors=True)
