@@ -74,14 +74,28 @@ async def fund(stub: Any, account: str, amount: int) -> None:
     )
 
 
+async def fund_and_fill(
+    stub: Any, account: str, amount: int, check: pb.CheckCreditsRequest
+) -> None:
+    """Funds the account, then fills this process's copy of its balance with `check`."""
+    await fund(stub, account, amount)
+    await stub.CheckCredits(check)
+
+
+async def reserve(stub: Any, account: str, amount: int, key: str) -> pb.ReserveResponse:
+    """A hold long enough that it never expires while a test runs."""
+    response: pb.ReserveResponse = await stub.Reserve(
+        pb.ReserveRequest(account_id=account, amount=amount, idempotency_key=key, ttl_seconds=600)
+    )
+    return response
+
+
 async def test_a_repeated_check_is_answered_in_memory_as_the_database_would(
     server: Any, accounts: Accounts
 ) -> None:
     account = accounts("reader")
     await fund(server.stub, account, 10)
-    await server.stub.Reserve(
-        pb.ReserveRequest(account_id=account, amount=3, idempotency_key="r1", ttl_seconds=600)
-    )
+    await reserve(server.stub, account, 3, "r1")
     await server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account))  # fills the copy
     for amount in (0, 1, 7, 8, 1_000_000_000_000):
         before = answered_in_memory(server)
@@ -107,16 +121,13 @@ async def test_a_repeated_check_reuses_its_answer_until_the_balance_changes(
     # identity never hit, and every cached CheckCredits built its message afresh.
     account = accounts("memo")
     request = pb.CheckCreditsRequest(account_id=account, amount=4)
-    await fund(server.stub, account, 10)
-    await server.stub.CheckCredits(request)  # fills the copy
+    await fund_and_fill(server.stub, account, 10, request)
     service = server.app.service
     first_memo_hits = service.checks_answered_from_memo
     answers = [await server.stub.CheckCredits(request) for _ in range(3)]
     assert service.checks_answered_from_memo >= first_memo_hits + 2
     assert {balances(a) for a in answers} == {(True, 10, 0, 10, 0, pb.ACCOUNT_STATUS_ACTIVE)}
-    await server.stub.Reserve(
-        pb.ReserveRequest(account_id=account, amount=7, idempotency_key="r", ttl_seconds=600)
-    )
+    await reserve(server.stub, account, 7, "r")
     memo_hits = service.checks_answered_from_memo
     changed = await server.stub.CheckCredits(request)
     # A changed balance is never answered with the message kept for the old one.
@@ -130,11 +141,8 @@ async def test_an_answer_from_memory_follows_every_change_this_process_commits(
 ) -> None:
     account = accounts("changing")
     request = pb.CheckCreditsRequest(account_id=account, amount=5)
-    await fund(server.stub, account, 10)
-    await server.stub.CheckCredits(request)
-    reserved = await server.stub.Reserve(
-        pb.ReserveRequest(account_id=account, amount=6, idempotency_key="r", ttl_seconds=600)
-    )
+    await fund_and_fill(server.stub, account, 10, request)
+    reserved = await reserve(server.stub, account, 6, "r")
     after_reserve = await server.stub.CheckCredits(request)
     assert balances(after_reserve) == (False, 4, 6, 10, 1, pb.ACCOUNT_STATUS_ACTIVE)
     await server.stub.Commit(
@@ -157,8 +165,7 @@ async def test_a_cached_balance_is_never_answered_to_a_caller_the_full_path_refu
     server: Any, database_url: str, accounts: Accounts
 ) -> None:
     account, elsewhere = accounts("org:acme"), accounts("user:1")
-    await fund(server.stub, account, 10)
-    await server.stub.CheckCredits(pb.CheckCreditsRequest(account_id=account))
+    await fund_and_fill(server.stub, account, 10, pb.CheckCreditsRequest(account_id=account))
     engine = create_engine(database_url)
     try:
         callers = CallerStore(Transactor(engine))
