@@ -647,6 +647,14 @@ class Bench:
         if row is None:
             return None
         found = {key: int(value) for key, value in row.items()}
+        # Row updates, and those Postgres made heap-only (HOT: the new version on the same
+        # page, no new index entries); a non-HOT update also writes to every index of its table.
+        updates = await self.meter_conn.fetchrow(
+            "SELECT coalesce(sum(n_tup_upd), 0)::bigint AS tup_upd,"
+            " coalesce(sum(n_tup_hot_upd), 0)::bigint AS tup_hot_upd FROM pg_stat_user_tables"
+        )
+        assert updates is not None
+        found.update({key: int(value) for key, value in updates.items()})
         # Dirty buffers a backend had to write out itself to make room (shared buffers full
         # of changed pages); Postgres 17 moved the figure to pg_stat_io.
         bgwriter = await self.meter_conn.fetchrow("SELECT * FROM pg_stat_bgwriter")

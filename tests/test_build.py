@@ -12,6 +12,8 @@ import tomllib
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from conftest import _create_database, _drop_database, run_sync
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from store.database import create_engine
@@ -61,6 +63,58 @@ def test_migrations_build_exactly_the_declared_schema_on_sqlite(tmp_path: pathli
 
 def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: str) -> None:
     asyncio.run(_migrated_matches_schema(postgres_url))
+
+
+_GRANT_AT_0005 = (
+    "INSERT INTO grants (account_id, grant_id, credit_type, amount, remaining, held, consumed,"
+    " expired, source, priority, effective_at_us, expires_at_us, external_ref, metadata_json,"
+    " idempotency_key, created_at_us) VALUES (:account, :grant, 'default', 10, :remaining,"
+    " :held, :consumed, 0, 'purchase', 100, 0, :expires, '', '{}', :grant, 0)"
+)
+
+
+async def _migration_0006_settles_spent_expiring_grants(url: str) -> None:
+    engine = create_engine(url)
+    # (remaining, held, expires_at_us) -> settled after the migration
+    grants = {
+        "spent": (0, 0, 5, True),
+        "held": (0, 4, 5, False),
+        "left": (3, 0, 5, False),
+        "never-expires": (0, 0, None, False),
+    }
+    try:
+        await migrate(engine, "0005")
+        async with engine.begin() as conn:
+            for grant_id, (remaining, held, expires, _) in grants.items():
+                await conn.execute(
+                    text(_GRANT_AT_0005),
+                    {"account": "a", "grant": grant_id, "remaining": remaining, "held": held,
+                     "consumed": 10 - remaining - held, "expires": expires},
+                )  # fmt: skip
+        await migrate(engine)
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT grant_id, expiry_settled FROM grants"))
+            settled = {grant_id: bool(value) for grant_id, value in rows}
+        assert settled == {grant_id: g[3] for grant_id, g in grants.items()}
+    finally:
+        await engine.dispose()
+
+
+def test_migration_0006_settles_the_expiring_grants_already_spent_out_on_sqlite(
+    tmp_path: pathlib.Path,
+) -> None:
+    asyncio.run(_migration_0006_settles_spent_expiring_grants(f"sqlite:///{tmp_path / 'm.db'}"))
+
+
+def test_migration_0006_settles_the_expiring_grants_already_spent_out_on_postgres(
+    postgres_admin_url: str | None, postgres_url: str
+) -> None:
+    assert postgres_admin_url is not None  # postgres_url failed or skipped otherwise
+    url = run_sync(_create_database(postgres_admin_url))
+    try:
+        asyncio.run(_migration_0006_settles_spent_expiring_grants(url))
+    finally:
+        run_sync(_drop_database(postgres_admin_url, url))
 
 
 def test_server_module_runs_under_this_interpreter() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from store import limits
 from store.audit import audit
+from store.backlog import read_backlog
 from store.clock import ManualClock
 from store.errors import (
     AccountLocked,
@@ -326,6 +327,52 @@ async def test_grant_sweeper_expires_only_the_remaining_part(
         ledger.transactor, HistoryQuery(a, kinds=(EntryKind.GRANT_EXPIRY,))
     )
     assert [e.amount for e in history.entries] == [-30]
+
+
+async def expiry_settled(ledger: Ledger, account: str) -> dict[str, bool]:
+    async with ledger.engine.connect() as conn:
+        result = await conn.execute(
+            select(grants.c.grant_id, grants.c.expiry_settled).where(grants.c.account_id == account)
+        )
+        return {grant_id: bool(settled) for grant_id, settled in result}
+
+
+async def test_grant_sweeper_settles_each_expired_grant_once_nothing_of_it_is_left(
+    ledger: Ledger, accounts: Accounts, clock: ManualClock
+) -> None:
+    """The sweeper's index leaves out settled grants (not those with remaining = 0: that would
+    make every Reserve's grant update write to it, store/schema.py). A grant spent out before its
+    expiry is settled without an entry; one with held credits only once its holds resolve."""
+    a = accounts("a")
+    expires_at_us = clock.now_us() + 60 * SECOND_US
+    spent = await grant(ledger, a, 10, "spent", expires_at_us=expires_at_us)
+    await ledger.commit(CommitCommand(a, await reserve(ledger, a, 10, "r-spent")), CALLER)
+    held = await grant(ledger, a, 50, "held", expires_at_us=expires_at_us + 1)
+    hold = await reserve(ledger, a, 20, "r-held", ttl_seconds=600)
+    untouched = await grant(ledger, a, 5, "untouched", expires_at_us=expires_at_us + 2)
+    durable = await grant(ledger, a, 7, "durable")
+    clock.advance_seconds(61)
+
+    before = await read_backlog(ledger.transactor, clock.now_us())
+    assert before.oldest_overdue_grant_expires_at_us is not None
+    assert before.oldest_overdue_grant_expires_at_us <= expires_at_us + 1
+    await drain(ledger.sweep_expired_grants)
+    assert await expiry_settled(ledger, a) == {
+        spent: True,  # nothing left: settled, and no GRANT_EXPIRY entry
+        held: False,  # 30 expired, 20 still held by a pending reservation
+        untouched: True,
+        durable: False,  # never expires: the sweeper never looks at it
+    }
+    assert sorted(await entries_of_kind(ledger, a, EntryKind.GRANT_EXPIRY)) == [-30, -5]
+    after = await read_backlog(ledger.transactor, clock.now_us())
+    assert after.oldest_overdue_grant_expires_at_us is None  # the held grant has nothing to expire
+
+    await ledger.commit(CommitCommand(a, hold, 15), CALLER)  # the other 5 expire at once
+    await drain(ledger.sweep_expired_grants)
+    assert (await expiry_settled(ledger, a))[held] is True
+    g = await ledger.get_grant(a, held)
+    assert g is not None and (g.remaining, g.held, g.consumed, g.expired) == (0, 0, 15, 35)
+    assert await available(ledger, a) == 7
 
 
 async def test_future_grants_are_not_spendable_until_effective(

@@ -5,12 +5,16 @@ whatever the size of the ledger:
 
 - the count of pending reservations scans only the partial index of pending holds
   (`ix_reservations_pending_expiry`), and stops at `BACKLOG_PENDING_SCAN_MAX` rows;
-- the oldest overdue hold and grant are the first entries of the sweepers' own partial indexes
-  (`ix_reservations_pending_expiry`, `ix_grants_expiring`): one index probe each.
+- the oldest overdue hold is the first entry of the hold sweeper's partial index
+  (`ix_reservations_pending_expiry`): one index probe;
+- the oldest overdue grant is the first entry with credits left of the grant sweeper's
+  (`ix_grants_expiring`), which also holds, until the sweeper settles them, grants spent out or
+  waiting for their holds: a few entries to step over while the sweeper keeps up.
 
-The statements are written out with literal predicates (`status = 'pending'`, `remaining > 0`)
-on purpose: Postgres uses a partial index only when the query's WHERE clause implies the
-index's, and a bound parameter in place of the literal would not, once the plan is generic.
+The statements are written out with literal predicates (`status = 'pending'`,
+`NOT expiry_settled`) on purpose: Postgres uses a partial index only when the query's WHERE
+clause implies the index's, and a bound parameter in place of the literal would not, once the
+plan is generic.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from store import limits
+from store.schema import GRANTS_EXPIRING_WHERE_POSTGRES, GRANTS_EXPIRING_WHERE_SQLITE
 from store.tx import Transactor
 
 _PENDING_HOLDS = text(
@@ -32,10 +37,19 @@ _OLDEST_OVERDUE_HOLD = text(
     "SELECT min(expires_at_us) FROM reservations"
     " WHERE status = 'pending' AND expires_at_us <= :now_us"
 )
-_OLDEST_OVERDUE_GRANT = text(
-    "SELECT min(expires_at_us) FROM grants"
-    " WHERE remaining > 0 AND expires_at_us IS NOT NULL AND expires_at_us <= :now_us"
-)
+# Per dialect: each repeats the index's predicate as that dialect writes it (store/schema.py).
+# The index also holds the sweeper's other unsettled grants (spent out, or waiting for their
+# holds), which the scan steps over: with the sweeper running, few.
+_OLDEST_OVERDUE_GRANT = {
+    dialect: text(
+        f"SELECT min(expires_at_us) FROM grants WHERE {where}"
+        " AND expires_at_us <= :now_us AND remaining > 0"
+    )
+    for dialect, where in (
+        ("postgresql", GRANTS_EXPIRING_WHERE_POSTGRES),
+        ("sqlite", GRANTS_EXPIRING_WHERE_SQLITE),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,9 @@ async def read_backlog(transactor: Transactor, now_us: int) -> Backlog:
             await conn.execute(_PENDING_HOLDS, {"scan_max": limits.BACKLOG_PENDING_SCAN_MAX})
         ).one()
         hold_expires_at_us = await conn.scalar(_OLDEST_OVERDUE_HOLD, {"now_us": now_us})
-        grant_expires_at_us = await conn.scalar(_OLDEST_OVERDUE_GRANT, {"now_us": now_us})
+        grant_expires_at_us = await conn.scalar(
+            _OLDEST_OVERDUE_GRANT[conn.dialect.name], {"now_us": now_us}
+        )
         return Backlog(
             as_of_us=now_us,
             reservations_pending=int(pending[0]),

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from sqlalchemy import ColumnElement, bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, insert, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
@@ -80,6 +80,20 @@ def pending_guard() -> ColumnElement[bool]:
     scanned them all (5.7 ms at 23,000) instead of the primary key (0.2 ms). status is never
     NULL. resolve_batch.py's write does the same."""
     return func.coalesce(reservations.c.status, "") == ReservationStatus.PENDING.value
+
+
+def _grant_expiry_due(now_us: int) -> ColumnElement[bool]:
+    """Grants past expires_at that the grant sweeper has yet to settle and can act on now:
+    those with credits left to expire, and those spent out (remaining and held 0), to settle.
+    A grant whose only credits are held waits for its reservations (DESIGN.md: held credits
+    survive their grant's expiry). The first two terms repeat ix_grants_expiring's predicate,
+    so the scan is that index's, in expiry order."""
+    return and_(
+        grants.c.expires_at_us.is_not(None),
+        not_(grants.c.expiry_settled),
+        grants.c.expires_at_us <= now_us,
+        or_(grants.c.remaining > 0, grants.c.held == 0),
+    )
 
 
 @dataclass(frozen=True)
@@ -788,17 +802,14 @@ class Ledger:
 
     async def sweep_expired_grants(self, batch_max: int = limits.SWEEP_BATCH_MAX) -> int:
         """Expires the remaining part of grants past expires_at (held parts wait for their
-        reservations); returns how many grants it expired."""
+        reservations), and settles those with nothing left (grants.expiry_settled); returns how
+        many grants it expired."""
         now_us = self.clock.now_us()
 
         async def find(conn: AsyncConnection) -> list[tuple[str, str]]:
             result = await conn.execute(
                 select(grants.c.account_id, grants.c.credit_type)
-                .where(
-                    grants.c.remaining > 0,
-                    grants.c.expires_at_us.is_not(None),
-                    grants.c.expires_at_us <= now_us,
-                )
+                .where(_grant_expiry_due(now_us))
                 .order_by(grants.c.expires_at_us)
                 .limit(batch_max)
             )
@@ -814,19 +825,21 @@ class Ledger:
                 if wallet is None:
                     return 0
                 at_us = self.clock.now_us()
-                due = await conn.execute(
-                    select(grants.c.grant_id, grants.c.remaining)
-                    .where(
-                        grants.c.account_id == a,
-                        grants.c.credit_type == c,
-                        grants.c.remaining > 0,
-                        grants.c.expires_at_us.is_not(None),
-                        grants.c.expires_at_us <= at_us,
+                due = (
+                    await conn.execute(
+                        select(grants.c.grant_id, grants.c.remaining)
+                        .where(
+                            grants.c.account_id == a,
+                            grants.c.credit_type == c,
+                            _grant_expiry_due(at_us),
+                        )
+                        .order_by(grants.c.expires_at_us, grants.c.grant_id)
                     )
-                    .order_by(grants.c.expires_at_us, grants.c.grant_id)
-                )
+                ).all()
                 count = 0
-                for grant_id, remaining in due.all():
+                for grant_id, remaining in due:
+                    if remaining == 0:
+                        continue  # spent out before it expired: only settled, below
                     effect = GrantEffect(
                         grant_id, remaining_delta=-remaining, expired_delta=remaining
                     )
@@ -845,6 +858,18 @@ class Ledger:
                     )
                     wallet = WalletState(wallet.last_sequence + 1, wallet.reserved)
                     count += 1
+                # Nothing is left to expire of those that hold no credits either (remaining is
+                # 0 now): settle them, so that no later pass reads them again.
+                await conn.execute(
+                    update(grants)
+                    .where(
+                        grants.c.account_id == a,
+                        grants.c.grant_id.in_([grant_id for grant_id, _ in due]),
+                        grants.c.remaining == 0,
+                        grants.c.held == 0,
+                    )
+                    .values(expiry_settled=True)
+                )
                 return count
 
             count = await self._write(expire)
