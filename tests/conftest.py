@@ -59,11 +59,14 @@ def _admin_url_to(url: str, database: str) -> str:
     return make_url(url).set(database=database).render_as_string(hide_password=False)
 
 
-async def _create_database(admin_url: str) -> str:
-    name = f"credits_test_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(
-        make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+def asyncpg_dsn(url: str) -> str:
+    """A SQLAlchemy Postgres URL (postgresql+asyncpg://...) in the form asyncpg.connect takes."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _create_database(admin_url: str, prefix: str = "credits_test") -> str:
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(asyncpg_dsn(admin_url))
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -73,13 +76,23 @@ async def _create_database(admin_url: str) -> str:
 
 async def _drop_database(admin_url: str, url: str) -> None:
     name = make_url(url).database
-    conn = await asyncpg.connect(
-        make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    conn = await asyncpg.connect(asyncpg_dsn(admin_url))
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+async def create_migrated_database(admin_url: str) -> str:
+    """A new database with the ledger's schema, for a test whose tables (or their counters)
+    must hold only what it put there. Drop it with _drop_database."""
+    url = await _create_database(admin_url)
+    engine = create_engine(url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    return url
 
 
 async def _migrate_and_audit(url: str, check_audit: bool) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import assert_no_failed_batches
-from sqlalchemy.engine import make_url
+from conftest import assert_no_failed_batches, asyncpg_dsn
 
 from store import limits
 from store.audit import audit
@@ -90,9 +89,7 @@ async def fund(ledger: Ledger, account: str, amount: int, key: str = "fund", **k
 async def holding_wallet(postgres_url: str, account: str) -> AsyncIterator[Any]:
     """Another session's transaction holding the lock of `account`'s default wallet (roll the
     transaction back to let go)."""
-    blocker = await asyncpg.connect(
-        make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    blocker = await asyncpg.connect(asyncpg_dsn(postgres_url))
     try:
         holding = blocker.transaction()
         await holding.start()

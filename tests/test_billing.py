@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import pathlib
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,15 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import asyncpg
 import grpc
 import pytest
 import stripe_events as se
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import assert_audit_clean, run_sync
+from conftest import _create_database, _drop_database, assert_audit_clean, run_sync
 from processes import TEST_TOKEN, free_port, open_channel, spawn_server, wait_serving
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 
 from billing import config as billing_config
 from billing import rules
@@ -364,32 +362,12 @@ async def _assert_migrations_match_schema(url: str) -> None:
         await engine.dispose()
 
 
-async def _create_database(admin_url: str) -> str:
-    name = f"billing_test_{secrets.token_hex(6)}"
-    plain = make_url(admin_url).set(drivername="postgresql")
-    conn = await asyncpg.connect(plain.render_as_string(hide_password=False))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-async def _drop_database(admin_url: str, url: str) -> None:
-    plain = make_url(admin_url).set(drivername="postgresql")
-    conn = await asyncpg.connect(plain.render_as_string(hide_password=False))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 def listener_postgres_url(postgres_url: str, postgres_admin_url: str | None) -> Iterator[str]:
     """A Postgres database of the listener's own (the ledger's session database must keep
     exactly the ledger's schema: test_build checks it)."""
     assert postgres_admin_url is not None, "postgres_url would have skipped"
-    url = run_sync(_create_database(postgres_admin_url))
+    url = run_sync(_create_database(postgres_admin_url, prefix="billing_test"))
     yield url
     run_sync(_drop_database(postgres_admin_url, url))
 

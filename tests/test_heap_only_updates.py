@@ -15,13 +15,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from conftest import _create_database, _drop_database
-from sqlalchemy.engine import make_url
+from conftest import _drop_database, asyncpg_dsn, create_migrated_database
 
 from store.clock import ManualClock
 from store.database import create_engine
 from store.ledger import Ledger, LedgerSettings
-from store.migrate import migrate
 from store.model import AddCreditsCommand, Caller, CommitCommand, GrantSource, ReserveCommand
 
 pytestmark = [pytest.mark.postgres]
@@ -39,33 +37,24 @@ TABLES = ("wallets", "grants")
 async def database(postgres_admin_url: str | None, postgres_url: str) -> AsyncIterator[str]:
     """A database of this test's own, so that its table counters count only this test."""
     assert postgres_admin_url is not None  # postgres_url failed or skipped otherwise
-    url = await _create_database(postgres_admin_url)
-    engine = create_engine(url)
-    try:
-        await migrate(engine)
-    finally:
-        await engine.dispose()
+    url = await create_migrated_database(postgres_admin_url)
     yield url
     await _drop_database(postgres_admin_url, url)
 
 
 async def execute(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await conn.execute(sql)
     finally:
         await conn.close()
 
 
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 async def updates(url: str, at_least: dict[str, int]) -> dict[str, tuple[int, int]]:
     """(updates, heap-only updates) per table, once each table shows at least `at_least` of its
     updates (the ledger's backends have published their counters)."""
     deadline = time.monotonic() + STATS_WAIT_SECONDS
-    conn = await asyncpg.connect(_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         while True:
             rows = await conn.fetch(

@@ -20,15 +20,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import _create_database, _drop_database, run_sync
+from conftest import _drop_database, asyncpg_dsn, create_migrated_database, run_sync
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
 
 from store.batch_pool import GENERIC_PLAN_SETTINGS, BatchConnections
 from store.database import create_engine
 from store.ledger import pending_guard
-from store.migrate import migrate
 from store.reserve_batch import _GUARDED_WRITE_SQL, _SNAPSHOT_SQL
 from store.resolve_batch import _WRITE_SQL as _RESOLVE_WRITE_SQL
 from store.schema import reservations
@@ -64,24 +62,14 @@ ANALYZE idempotency_keys;
 def private_database(postgres_admin_url: str | None, postgres_url: str) -> Iterator[str]:
     """A database of this module's own: the tests load and empty its tables."""
     assert postgres_admin_url is not None  # postgres_url failed or skipped otherwise
-    url = run_sync(_create_database(postgres_admin_url))
-
-    async def migrated() -> None:
-        engine = create_engine(url)
-        try:
-            await migrate(engine)
-        finally:
-            await engine.dispose()
-
-    run_sync(migrated())
+    url = run_sync(create_migrated_database(postgres_admin_url))
     yield url
     run_sync(_drop_database(postgres_admin_url, url))
 
 
 @pytest.fixture
 async def conn(private_database: str) -> AsyncIterator[Any]:
-    dsn = make_url(private_database).set(drivername="postgresql")
-    connection = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    connection = await asyncpg.connect(asyncpg_dsn(private_database))
     try:
         yield connection
     finally:
