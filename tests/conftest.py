@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import pathlib
 import secrets
@@ -193,6 +194,24 @@ async def delete_redis_namespace(redis_url: str, namespace: str) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def hanging_redis() -> AsyncIterator[str]:
+    """The URL of a "Redis" that accepts connections and never answers (a hung server)."""
+
+    async def accept_and_say_nothing(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    finally:
+        server.close()
 
 
 @pytest.fixture

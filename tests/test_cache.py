@@ -6,12 +6,13 @@ import asyncio
 import gc
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
-from conftest import delete_redis_namespace, new_redis_namespace
+from conftest import delete_redis_namespace, hanging_redis, new_redis_namespace
 
 from credits.v1 import credits_pb2 as pb
 from store import limits
@@ -348,3 +349,19 @@ async def test_batched_snapshot_writes_survive_redis_forgetting_its_scripts(redi
         await cache.close()
         await admin.aclose()
         await delete_redis_namespace(redis_url, namespace)
+
+
+async def test_a_hanging_redis_holds_a_snapshot_write_at_most_the_timeout() -> None:
+    """Snapshot writes bound their whole round trip (not each socket operation): a Redis that
+    accepts and never answers costs the write its timeout, counted as an error, no more."""
+
+    async with hanging_redis() as url:
+        cache = RedisBalanceCache(url, timeout_ms=100)
+        try:
+            started = time.monotonic()
+            await cache.put_wallet("user:hang", "default", WalletSnapshot(1, 10, 0, 2**62, 1))
+            elapsed_ms = (time.monotonic() - started) * 1000
+        finally:
+            await cache.close()
+    assert cache.counters.errors == 1
+    assert 100 <= elapsed_ms < 500

@@ -8,7 +8,6 @@ on the limiter's own clock (Redis `TIME`, or the monotonic clock) and allow a fe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as redis_asyncio
-from conftest import delete_redis_namespace, new_redis_namespace
+from conftest import delete_redis_namespace, hanging_redis, new_redis_namespace
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from processes import free_port
 from rich_errors import error_reason, rich_status
@@ -40,6 +39,7 @@ from server.ratelimit import (
 )
 from server.status import ERROR_DOMAIN
 from store import limits
+from store.batching import AdmissionCall
 
 NOW_MS = 1_800_000_000_000  # a fixed start for tests that move time by hand
 # Slow enough that nothing refills while a test runs.
@@ -142,6 +142,73 @@ async def test_a_call_takes_from_all_its_buckets_or_from_none(replicas: Replicas
     assert await limiter.acquire([caller, account], NOW_MS + 1000) is None
 
 
+async def test_many_calls_checked_at_once_are_decided_in_order_each_all_or_nothing(
+    replicas: Replicas,
+) -> None:
+    """A batch's checks in one step: each call as acquire() would decide it, in order, a later
+    call seeing what an earlier one took."""
+    limiter = replicas()
+    caller = caller_key(RATE_NO_REFILL, 3, subject="batch")
+    account = account_key(RATE_NO_REFILL, 1, subject="user:batch")
+    answers = await limiter.acquire_many(
+        [[caller, account], [caller, account], [], [caller], [caller], [caller]]
+    )
+    # The second call finds the account bucket empty and takes nothing from the caller's, so
+    # the caller's third token goes to the fifth call and the sixth finds none.
+    assert [None if a is None else a.key for a in answers] == [
+        None, account, None, None, None, caller
+    ]  # fmt: skip
+    assert (limiter.counters.granted, limiter.counters.refused) == (3, 2)
+    assert await limiter.acquire([caller]) is not None, "the checks took what they granted"
+
+
+@pytest.mark.redis
+async def test_a_batch_of_rate_checks_is_one_round_trip_in_the_callers_task(
+    redis_url: str,
+) -> None:
+    """The gate checks a group-commit batch's calls in its caller's task, in one Redis round
+    trip: no task per call (each would cost a loop iteration on the batch's path)."""
+    namespace = new_redis_namespace()
+    limiter = RedisRateLimiter(redis_url, namespace=namespace, timeout_ms=TEST_REDIS_TIMEOUT_MS)
+    gate = RateLimitGate(limiter, RateLimitConfig(account_reserves_per_second=RATE_NO_REFILL,
+                                                  account_reserves_burst=10))  # fmt: skip
+    calls = [AdmissionCall("svc", "Reserve", f"user:{i % 25}", 1) for i in range(50)]
+    loop = asyncio.get_running_loop()
+    tasks_made = 0
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        nonlocal tasks_made
+        tasks_made += 1
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    raw = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        await gate.admit(calls[:1])  # connects and loads the script
+        before = await evalsha_calls(raw)
+        loop.set_task_factory(counting_factory)
+        try:
+            refusals = await gate.admit(calls)
+        finally:
+            loop.set_task_factory(default_factory)
+        assert await evalsha_calls(raw) - before == 1
+    finally:
+        await gate.close()
+        await raw.aclose()
+        await delete_redis_namespace(redis_url, namespace)
+    assert tasks_made == 0
+    assert refusals == [None] * 50
+    assert limiter.counters.granted == 51
+
+
+async def evalsha_calls(raw: redis_asyncio.Redis) -> int:
+    """EVALSHA commands Redis has run since its start (INFO commandstats)."""
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 async def test_a_cost_above_the_burst_waits_for_a_full_bucket_and_empties_it(
     replicas: Replicas,
 ) -> None:
@@ -240,24 +307,27 @@ async def test_unreachable_redis_limits_in_process_without_failing_the_call(
     assert len(warnings) == 1, "failures are logged at most once per interval"
 
 
-async def test_a_hanging_redis_costs_at_most_the_timeout() -> None:
-    async def accept_and_say_nothing(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        with contextlib.suppress(ConnectionError):
-            await reader.read()  # until the client gives up and closes
-        writer.close()
-
-    server = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    limiter = RedisRateLimiter(f"redis://127.0.0.1:{port}/0", timeout_ms=100)
+async def test_unreachable_redis_checks_a_batch_in_process() -> None:
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)
+    key = caller_key(RATE_NO_REFILL, 2)
     try:
-        started = time.monotonic()
-        assert await limiter.acquire([caller_key(10, 1)]) is None
-        elapsed_ms = (time.monotonic() - started) * 1000
+        answers = await limiter.acquire_many([[key], [], [key], [key]])
     finally:
         await limiter.close()
-        server.close()
+    assert [a is None for a in answers] == [True, True, True, False]
+    assert limiter.counters.redis_errors == 1
+    assert limiter.counters.local_fallbacks == 3
+
+
+async def test_a_hanging_redis_costs_at_most_the_timeout() -> None:
+    async with hanging_redis() as url:
+        limiter = RedisRateLimiter(url, timeout_ms=100)
+        try:
+            started = time.monotonic()
+            assert await limiter.acquire([caller_key(10, 1)]) is None
+            elapsed_ms = (time.monotonic() - started) * 1000
+        finally:
+            await limiter.close()
     assert limiter.counters.local_fallbacks == 1
     assert 100 <= elapsed_ms < 500
 

@@ -143,6 +143,12 @@ class RateLimiter(Protocol):
         how long to wait. `now_ms` replaces the limiter's own clock (tests, simulations)."""
         ...
 
+    async def acquire_many(self, checks: Sequence[Sequence[RateKey]]) -> list[RetryAfter | None]:
+        """acquire() for many calls at once, in order, each all or nothing on its own keys (a
+        later call sees what an earlier one took): a group-commit batch's rate checks, decided
+        in one step (one Redis round trip) instead of one task per call."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -308,6 +314,9 @@ class LocalRateLimiter:
         self.counters.granted += 1
         return None
 
+    async def acquire_many(self, checks: Sequence[Sequence[RateKey]]) -> list[RetryAfter | None]:
+        return [await self.acquire(keys) for keys in checks]
+
     async def close(self) -> None:
         self._buckets.clear()
 
@@ -459,17 +468,52 @@ class RedisRateLimiter:
         _assert_distinct(keys)
         if not self._backoff.available():
             return await self._acquire_locally(keys, now_ms)
-        args: list[str | int | float] = [len(keys)]
-        for key in keys:
-            args += [key.rate_per_second, key.burst, key.cost]
         now_us = "" if now_ms is None else now_ms * MICROSECONDS_PER_MILLISECOND
         future: asyncio.Future[list[object] | None] = asyncio.get_running_loop().create_future()
-        self._queue.append(([self.redis_key(k) for k in keys], args, now_us, future))
+        self._queue.append(([self.redis_key(k) for k in keys], _script_args(keys), now_us, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         reply = await future
         if reply is None:
             return await self._acquire_locally(keys, now_ms)
+        return self._answer(reply, keys)
+
+    async def acquire_many(self, checks: Sequence[Sequence[RateKey]]) -> list[RetryAfter | None]:
+        """In the caller's task, without the queue: a batch's checks are already together."""
+        answers: list[RetryAfter | None] = [None] * len(checks)
+        todo = [i for i, keys in enumerate(checks) if keys]
+        for i in todo:
+            _assert_distinct(checks[i])
+        if todo and self._backoff.available():
+            calls: list[ScriptCall] = []
+            for start in range(0, len(todo), limits.RATE_CHECKS_PER_ROUND_TRIP_MAX):
+                members = todo[start : start + limits.RATE_CHECKS_PER_ROUND_TRIP_MAX]
+                calls.append(
+                    _script_call(
+                        "",
+                        [
+                            ([self.redis_key(k) for k in checks[i]], _script_args(checks[i]))
+                            for i in members
+                        ],
+                    )
+                )
+            try:
+                async with asyncio.timeout(self.timeout_ms / 1000):
+                    replies = await self._script.run(calls)
+            except Exception as error:  # noqa: BLE001 - any Redis failure: local limits
+                self._failed(error)
+            else:
+                for position, i in enumerate(todo):
+                    reply = replies[position // limits.RATE_CHECKS_PER_ROUND_TRIP_MAX]
+                    at = 3 * (position % limits.RATE_CHECKS_PER_ROUND_TRIP_MAX)
+                    answers[i] = self._answer(reply[at : at + 3], checks[i])
+                return answers
+        for i in todo:
+            answers[i] = await self._acquire_locally(checks[i], None)
+        return answers
+
+    def _answer(self, reply: Sequence[object], keys: Sequence[RateKey]) -> RetryAfter | None:
+        """One call's part of the script's reply: (granted, wait_us, refusing key)."""
         granted, wait_us, refusing = int(str(reply[0])), float(str(reply[1])), int(str(reply[2]))
         retry = None if granted else RetryAfter(_delay_ms(wait_us), keys[refusing - 1])
         self._count(retry)
@@ -486,13 +530,10 @@ class RedisRateLimiter:
             groups: dict[str | int, list[int]] = {}
             for index, (_, _, now_us, _) in enumerate(batch):
                 groups.setdefault(now_us, []).append(index)
-            calls: list[ScriptCall] = []
-            for now_us, members in groups.items():
-                keys = [key for i in members for key in batch[i][0]]
-                args: list[str | int | float] = [now_us, TOKENS_NOISE]
-                for i in members:
-                    args += batch[i][1]
-                calls.append((keys, args))
+            calls = [
+                _script_call(now_us, [(batch[i][0], batch[i][1]) for i in members])
+                for now_us, members in groups.items()
+            ]
             try:
                 # The socket timeouts bound each step; this bounds the whole round trip (pool
                 # wait, connect, script) so a sick Redis adds at most timeout_ms to an RPC.
@@ -516,6 +557,26 @@ class RedisRateLimiter:
         await self._script.close()
         await self._client.aclose()
         await self.fallback.close()
+
+
+def _script_args(keys: Sequence[RateKey]) -> list[str | int | float]:
+    """One call's part of _ACQUIRE_SCRIPT's ARGV: its number of keys, then each key's terms."""
+    args: list[str | int | float] = [len(keys)]
+    for key in keys:
+        args += [key.rate_per_second, key.burst, key.cost]
+    return args
+
+
+def _script_call(
+    now_us: str | int, checks: Sequence[tuple[list[str], list[str | int | float]]]
+) -> ScriptCall:
+    """One _ACQUIRE_SCRIPT call deciding `checks` (each: its Redis keys, its _script_args) in
+    order, on one clock ('' for Redis's own)."""
+    keys = [key for check_keys, _ in checks for key in check_keys]
+    args: list[str | int | float] = [now_us, TOKENS_NOISE]
+    for _, check_args in checks:
+        args += check_args
+    return keys, args
 
 
 def create_rate_limiter(
@@ -554,10 +615,21 @@ class RateLimitGate:
     async def admit(self, calls: Sequence[AdmissionCall]) -> list[LedgerError | None]:
         """check() for many calls at once (a group-commit batch): their checks go to Redis
         together, in one round trip. A refused call gets a RateLimitedCall to raise."""
-        statuses = await asyncio.gather(
-            *(self.check(caller=c.principal, method=c.method, request=c) for c in calls)
-        )
-        return [None if status is None else RateLimitedCall(status) for status in statuses]
+        checks = [
+            rate_keys(
+                self.config,
+                caller=c.principal,
+                method=c.method,
+                account_id=c.account_id,
+                amount=c.amount,
+            )
+            for c in calls
+        ]
+        retries = await self.limiter.acquire_many(checks)
+        return [
+            None if retry is None else RateLimitedCall(rate_limited_status(retry))
+            for retry in retries
+        ]
 
     async def close(self) -> None:
         await self.limiter.close()

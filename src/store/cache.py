@@ -278,6 +278,10 @@ class PipelinedScript:
     EVALSHA straight away, never SCRIPT EXISTS first. Calls refused with NOSCRIPT (Redis
     restarted or flushed its scripts) ran nothing, so only those are sent again, once the script
     is loaded. A connection that failed or was interrupted mid-reply is closed, never reused.
+
+    The client's socket timeout bounds the whole round trip here, not each socket operation:
+    redis-py bounds a send with asyncio.wait_for, which makes a task per send, a loop iteration
+    on the path of every group-commit batch.
     """
 
     def __init__(self, client: redis_asyncio.Redis, source: str) -> None:
@@ -286,13 +290,18 @@ class PipelinedScript:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._idle: list[AbstractConnection] = []
         self._slots = asyncio.Semaphore(SCRIPT_CONNECTIONS_MAX)
+        timeout_seconds = self._pool.connection_kwargs.get("socket_timeout")
+        self._timeout_seconds: float | None = (
+            None if timeout_seconds is None else float(timeout_seconds)
+        )
 
     async def run(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """The script's reply to each call, in order; raises what Redis answered if any failed."""
         async with self._slots:
             conn = self._idle.pop() if self._idle else self._new_connection()
             try:
-                results = await self._run_on(conn, calls)
+                async with asyncio.timeout(self._timeout_seconds):
+                    results = await self._run_on(conn, calls)
             except BaseException:
                 # Replies may be left unread on it: it can serve no one else.
                 await conn.disconnect(nowait=True)
@@ -309,7 +318,10 @@ class PipelinedScript:
             await conn.disconnect()
 
     def _new_connection(self) -> AbstractConnection:
-        connection: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        # The pool's settings (URL, credentials, TLS, connect timeout) without the per-operation
+        # socket timeout: run() bounds the round trip instead.
+        kwargs = {**self._pool.connection_kwargs, "socket_timeout": None}
+        connection: AbstractConnection = self._pool.connection_class(**kwargs)
         return connection
 
     async def _run_on(self, conn: AbstractConnection, calls: Sequence[ScriptCall]) -> list[Any]:
