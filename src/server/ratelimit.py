@@ -485,28 +485,31 @@ class RedisRateLimiter:
         for i in todo:
             _assert_distinct(checks[i])
         if todo and self._backoff.available():
-            calls: list[ScriptCall] = []
-            for start in range(0, len(todo), limits.RATE_CHECKS_PER_ROUND_TRIP_MAX):
-                members = todo[start : start + limits.RATE_CHECKS_PER_ROUND_TRIP_MAX]
-                calls.append(
-                    _script_call(
-                        "",
-                        [
-                            ([self.redis_key(k) for k in checks[i]], _script_args(checks[i]))
-                            for i in members
-                        ],
-                    )
+            chunks = [
+                todo[start : start + limits.RATE_CHECKS_PER_ROUND_TRIP_MAX]
+                for start in range(0, len(todo), limits.RATE_CHECKS_PER_ROUND_TRIP_MAX)
+            ]
+            calls = [
+                _script_call(
+                    "",
+                    [
+                        ([self.redis_key(k) for k in checks[i]], _script_args(checks[i]))
+                        for i in chunk
+                    ],
                 )
+                for chunk in chunks
+            ]
             try:
+                # PipelinedScript bounds its round trip; this also bounds the wait for one of
+                # its connections, so a sick Redis adds at most timeout_ms to the batch.
                 async with asyncio.timeout(self.timeout_ms / 1000):
                     replies = await self._script.run(calls)
             except Exception as error:  # noqa: BLE001 - any Redis failure: local limits
                 self._failed(error)
             else:
-                for position, i in enumerate(todo):
-                    reply = replies[position // limits.RATE_CHECKS_PER_ROUND_TRIP_MAX]
-                    at = 3 * (position % limits.RATE_CHECKS_PER_ROUND_TRIP_MAX)
-                    answers[i] = self._answer(reply[at : at + 3], checks[i])
+                for chunk, reply in zip(chunks, replies, strict=True):
+                    for position, i in enumerate(chunk):
+                        answers[i] = self._answer(reply[3 * position : 3 * position + 3], checks[i])
                 return answers
         for i in todo:
             answers[i] = await self._acquire_locally(checks[i], None)
@@ -535,8 +538,8 @@ class RedisRateLimiter:
                 for now_us, members in groups.items()
             ]
             try:
-                # The socket timeouts bound each step; this bounds the whole round trip (pool
-                # wait, connect, script) so a sick Redis adds at most timeout_ms to an RPC.
+                # PipelinedScript bounds its round trip; this also bounds the wait for one of
+                # its connections, so a sick Redis adds at most timeout_ms to an RPC.
                 async with asyncio.timeout(self.timeout_ms / 1000):
                     replies = await self._script.run(calls)
             except Exception as error:  # noqa: BLE001 - any Redis failure: local limits
@@ -599,37 +602,32 @@ class RateLimitGate:
         """None to go ahead; else the status to refuse the call with (nothing was taken)."""
         if method not in CALLER_LIMITED_METHODS:
             return None
+        retry = await self.limiter.acquire(self._keys(caller, method, request))
+        return None if retry is None else rate_limited_status(retry)
+
+    async def admit(self, calls: Sequence[AdmissionCall]) -> list[LedgerError | None]:
+        """check() for many calls at once (a group-commit batch): their checks go to Redis
+        together, in one round trip. A refused call gets a RateLimitedCall to raise."""
+        retries = await self.limiter.acquire_many(
+            [self._keys(c.principal, c.method, c) for c in calls]
+        )
+        return [
+            None if retry is None else RateLimitedCall(rate_limited_status(retry))
+            for retry in retries
+        ]
+
+    def _keys(self, caller: str, method: str, request: object) -> list[RateKey]:
+        """The buckets a call draws on, from the fields its request has."""
         # Requests without these fields (History of a whole account, say) simply lack them.
         account_id = getattr(request, "account_id", "")
         amount = getattr(request, "amount", 0)
-        keys = rate_keys(
+        return rate_keys(
             self.config,
             caller=caller,
             method=method,
             account_id=account_id if isinstance(account_id, str) else "",
             amount=amount if isinstance(amount, int) else 0,
         )
-        retry = await self.limiter.acquire(keys)
-        return None if retry is None else rate_limited_status(retry)
-
-    async def admit(self, calls: Sequence[AdmissionCall]) -> list[LedgerError | None]:
-        """check() for many calls at once (a group-commit batch): their checks go to Redis
-        together, in one round trip. A refused call gets a RateLimitedCall to raise."""
-        checks = [
-            rate_keys(
-                self.config,
-                caller=c.principal,
-                method=c.method,
-                account_id=c.account_id,
-                amount=c.amount,
-            )
-            for c in calls
-        ]
-        retries = await self.limiter.acquire_many(checks)
-        return [
-            None if retry is None else RateLimitedCall(rate_limited_status(retry))
-            for retry in retries
-        ]
 
     async def close(self) -> None:
         await self.limiter.close()
