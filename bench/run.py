@@ -203,6 +203,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     # Paced by h2gen: h2load's --rps sends in bursts (see bench/README.md).
     Scenario("check_cached_half", "CheckCredits at half its peak", "server", "h2gen", "check",
              half_of="check_cached", wallets=1),
+    # The no-op server at that pace, from the same generator: the p99 that gRPC, the generator
+    # and this machine give at CheckCredits' half-of-peak rate with no work behind the calls.
+    Scenario("ceiling_grpc_half", "gRPC ceiling at CheckCredits' half-peak pace", "noop",
+             "h2gen", "check", half_of="check_cached", wallets=1, ceiling_only=True),
     Scenario("ceiling_grpc_h2gen", "gRPC ceiling via h2gen (generator check)", "noop", "h2gen",
              "check", ceiling_only=True),
     Scenario("ceiling_naive", "naive ceiling: bare reserve SQL", "naive", "h2gen", "reserve",
@@ -232,8 +236,9 @@ RATIO_PAIRS = (("ceiling_grpc", "check_cached"), ("ceiling_naive", "reserve_unif
 # of the first round (half of the main run's peak), the target taking the median p99: one 10 s
 # window's p99 moves with whatever else the host ran in it (CheckCredits at half of its peak:
 # 3.8, 4.4 and 11.2 ms in three runs of one server on one day). The naive server at half of its
-# own peak runs as often, so the two p99s compare like with like.
-HALF_ROUNDS = ("check_cached_half", "naive_half", "reserve_uniform_half")
+# own peak and the no-op server at CheckCredits' pace run as often, so the p99s compare like
+# with like.
+HALF_ROUNDS = ("check_cached_half", "ceiling_grpc_half", "naive_half", "reserve_uniform_half")
 SCALE_SCENARIOS = ("check_cached", "check_cached_half", "reserve_uniform", "reserve_uniform_half",
                    "reserve_commit", "reserve_hot", "add_credits", "history",
                    "history_half")  # fmt: skip
