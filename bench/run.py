@@ -1231,21 +1231,26 @@ class Bench:
                 node = node.get(key)
             return float(node) if isinstance(node, int | float) else None
 
+        # A target measured in rounds is their median; with BENCH_ROUNDS=1, its one run.
+        def in_rounds(name: str, section: str, median_key: str, single_key: str) -> float | None:
+            median = value_of(name, section, median_key)
+            return median if median is not None else value_of(name, section, single_key)
+
+        def rounds_label(name: str, section: str, rounds_key: str, what: str) -> str:
+            rounds = (r.get(name) or {}).get(section, {}).get(rounds_key)
+            return f" (median of {len(rounds)} {what})" if rounds else ""
+
         def ratio_target(name: str) -> float | None:
-            median = value_of(name, "ratio_to_ceiling", "median_of_rounds")
-            return median if median is not None else value_of(name, "ratio_to_ceiling", "ratio")
+            return in_rounds(name, "ratio_to_ceiling", "median_of_rounds", "ratio")
 
         def rounds_of(name: str) -> str:
-            rounds = (r.get(name) or {}).get("ratio_to_ceiling", {}).get("rounds")
-            return f" (median of {len(rounds)} paired rounds)" if rounds else ""
+            return rounds_label(name, "ratio_to_ceiling", "rounds", "paired rounds")
 
         def half_p99(name: str) -> float | None:
-            median = value_of(name, "latency", "p99_median_of_rounds_ms")
-            return median if median is not None else value_of(name, "latency", "p99_ms")
+            return in_rounds(name, "latency", "p99_median_of_rounds_ms", "p99_ms")
 
         def half_rounds_of(name: str) -> str:
-            p99s = (r.get(name) or {}).get("latency", {}).get("p99_rounds_ms")
-            return f" (median of {len(p99s)} rounds)" if p99s else ""
+            return rounds_label(name, "latency", "p99_rounds_ms", "rounds")
 
         def half_rounds_steal(name: str) -> float | None:
             """For a p99 measured in rounds: the median of the rounds' steal (None: one run,
