@@ -25,6 +25,7 @@ from store.cache import (
     LocalBalanceCache,
     RedisBalanceCache,
     WalletSnapshot,
+    wallet_key,
 )
 from store.clock import ManualClock
 from store.database import create_engine
@@ -92,6 +93,102 @@ async def test_a_write_through_another_replica_is_seen_within_the_near_ttl(
         await a.close()
         await b.close()
         await delete_redis_namespace(redis_url, namespace)
+
+
+@pytest.fixture
+async def two_replicas(redis_url: str) -> AsyncIterator[tuple[LayeredBalanceCache, ...]]:
+    """Two replicas' caches on one Redis namespace, near copies living NEAR_TTL_MS, both
+    holding an active account "acct"."""
+    namespace = new_redis_namespace()
+    replicas = tuple(
+        LayeredBalanceCache(RedisBalanceCache(redis_url, namespace=namespace), NEAR_TTL_MS)
+        for _ in range(2)
+    )
+    try:
+        for replica in replicas:
+            await replica.put_account("acct", AccountSnapshot(0, AccountStatus.ACTIVE))
+        yield replicas
+    finally:
+        for replica in replicas:
+            await replica.close()
+        await delete_redis_namespace(redis_url, namespace)
+
+
+NEAR_TTL_MS = 200
+
+
+def wallet_at(version: int) -> WalletSnapshot:
+    return WalletSnapshot(version, 100 - version, version, 2**62, 1)
+
+
+async def test_a_near_copy_read_all_the_time_never_expires_and_still_follows_other_replicas(
+    two_replicas: tuple[LayeredBalanceCache, ...],
+) -> None:
+    """Read in the last quarter of its life, a near copy is read again from Redis behind the
+    reader: a wallet read every 10 ms is always answered in process (without it, every reader
+    in the moment after each expiry waited for Redis), and another replica's write still shows
+    within one near life."""
+    a, b = two_replicas
+    await a.put_wallet("acct", "default", wallet_at(1))
+    await b.get("acct", "default")  # b's near copy, from Redis
+    started = time.monotonic()
+    written_at = None
+    seen: list[tuple[float, int]] = []
+    misses = 0
+    while (now := time.monotonic() - started) < 3 * NEAR_TTL_MS / 1000:
+        wallet, _ = b.get_local("acct", "default", 1)
+        if wallet is None:
+            misses += 1
+        else:
+            seen.append((now, wallet.version))
+        if written_at is None and now > 1.2 * NEAR_TTL_MS / 1000:
+            await a.put_wallet("acct", "default", wallet_at(2))
+            written_at = now
+        await asyncio.sleep(0.01)
+    assert misses == 0
+    assert written_at is not None
+    first_seen = min(t for t, version in seen if version == 2)
+    assert first_seen - written_at <= NEAR_TTL_MS / 1000 + 0.05
+    assert b.counters.near_refreshes >= 3
+
+
+async def test_a_near_copy_redis_no_longer_holds_ends_on_time_however_often_it_is_read(
+    two_replicas: tuple[LayeredBalanceCache, ...], redis_url: str
+) -> None:
+    """Only what Redis holds gives a near copy a new life: a copy read all the time ends within
+    one near life of Redis forgetting it, so the staleness bound holds."""
+    _, b = two_replicas
+    await b.put_wallet("acct", "default", wallet_at(1))
+    for _ in range(20):  # refreshed ahead a few times while Redis holds it
+        assert b.get_local("acct", "default", 1)[0] == wallet_at(1)
+        await asyncio.sleep(0.02)
+    assert b.counters.near_refreshes >= 1
+    shared = b.shared
+    assert isinstance(shared, RedisBalanceCache)
+    client = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        assert await client.delete(wallet_key(shared.namespace, "acct", "default")) == 1
+    finally:
+        await client.aclose()
+    gone_at = time.monotonic()
+    while b.get_local("acct", "default", 1)[0] is not None:
+        assert time.monotonic() - gone_at <= NEAR_TTL_MS / 1000 + 0.05
+        await asyncio.sleep(0.01)
+
+
+async def test_a_near_copy_is_read_again_once_however_many_read_it_at_once(
+    two_replicas: tuple[LayeredBalanceCache, ...],
+) -> None:
+    _, b = two_replicas
+    await b.put_wallet("acct", "default", wallet_at(1))
+    assert b.get_local("acct", "default", 1)[0] == wallet_at(1)
+    assert b.counters.near_refreshes == 0  # young: nothing to read again
+    await asyncio.sleep(0.8 * NEAR_TTL_MS / 1000)
+    for _ in range(100):
+        assert b.get_local("acct", "default", 1)[0] == wallet_at(1)
+    assert b.counters.near_refreshes == 1
+    await asyncio.sleep(0.05)  # the one read came back and gave the copy a new life
+    assert not b.near.expires_within("acct", "default", 0.5 * NEAR_TTL_MS / 1000)
 
 
 @pytest.fixture

@@ -283,7 +283,15 @@ class _CacheCollector(Collector):
             labels=("backend",),
         )
         near.add_metric((self._backend,), counters.near_hits)
-        return (lookups, errors, writes, near)
+        refreshes = CounterMetricFamily(
+            "credits_balance_cache_near_refreshes",
+            "In-process copies read again from Redis late in their life, behind their readers, "
+            "so that a wallet read all the time never makes a reader wait for Redis (each is also "
+            "counted as a lookup)",
+            labels=("backend",),
+        )
+        refreshes.add_metric((self._backend,), counters.near_refreshes)
+        return (lookups, errors, writes, near, refreshes)
 
 
 class _ReserveBatchCollector(Collector):

@@ -49,6 +49,12 @@ LOCAL_ENTRIES_MAX = 100_000
 # unseen by this one's cached reads (this replica's own writes update it at once). 0 turns it off.
 NEAR_SNAPSHOT_TTL_MS_DEFAULT = 100
 NEAR_SNAPSHOT_TTL_MS_MAX = 5_000
+# A near copy read in the last quarter of its life is read again from Redis behind the reader
+# (one read per wallet at a time, at most this many at once): a wallet read all the time never
+# expires in process, so no reader waits for Redis each time its copy would have, while no copy
+# is ever served longer than the near life after it left Redis.
+NEAR_REFRESH_AHEAD_SHARE = 0.25
+NEAR_REFRESHES_IN_FLIGHT_MAX = 256
 # After a Redis failure, skip Redis for this long before trying again.
 REDIS_BACKOFF_MS = 1_000
 # Log a Redis failure at most once per this interval (they are counted every time).
@@ -103,6 +109,9 @@ class CacheCounters:
     writes_refused_as_older: int = 0
     # Hits answered by the in-process copy in front of Redis (also counted in `hits`).
     near_hits: int = 0
+    # Near copies read again from Redis late in their life, behind their readers (each such
+    # read is also a lookup: a hit or a miss above).
+    near_refreshes: int = 0
 
 
 class BalanceCache(Protocol):
@@ -220,6 +229,13 @@ class LocalBalanceCache:
             None if wallet is None else _wallet_snapshot(wallet),
             None if account is None else _account_snapshot(account),
         )
+
+    def expires_within(self, account_id: str, credit_type: str, seconds: float) -> bool:
+        """Whether the wallet's or the account's copy ends within `seconds` (or is gone)."""
+        deadline = time.monotonic() + seconds
+        wallet = self._entries.get(("w", account_id, credit_type))
+        account = self._entries.get(("a", account_id))
+        return wallet is None or account is None or min(wallet[0], account[0]) <= deadline
 
     def get_local(
         self, account_id: str, credit_type: str, now_us: int
@@ -528,6 +544,9 @@ class LayeredBalanceCache:
         self.shared = shared
         self.near = LocalBalanceCache(ttl_ms=near_ttl_ms)
         self.counters = shared.counters
+        self._refresh_ahead_seconds = near_ttl_ms / 1000 * NEAR_REFRESH_AHEAD_SHARE
+        # Wallets being read again from Redis behind their readers (refresh_ahead).
+        self._refreshing: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def get(
         self, account_id: str, credit_type: str
@@ -535,6 +554,7 @@ class LayeredBalanceCache:
         near_wallet, near_account = await self.near.get(account_id, credit_type)
         if near_wallet is not None and near_account is not None:
             self.counters.near_hits += 1
+            self._refresh_ahead(account_id, credit_type)
             return near_wallet, near_account
         wallet, account = await self.shared.get(account_id, credit_type)
         # Never older than what this process holds: its own writes reach Redis a moment after
@@ -553,7 +573,38 @@ class LayeredBalanceCache:
         wallet, account = self.near.get_local(account_id, credit_type, now_us)
         if wallet is not None:
             self.counters.near_hits += 1
+            self._refresh_ahead(account_id, credit_type)
         return wallet, account
+
+    def _refresh_ahead(self, account_id: str, credit_type: str) -> None:
+        """A copy read in the last NEAR_REFRESH_AHEAD_SHARE of its life: read it again from
+        Redis in a task of its own, unless one is reading it already (or too many are)."""
+        key = (account_id, credit_type)
+        if (
+            key in self._refreshing
+            or len(self._refreshing) >= NEAR_REFRESHES_IN_FLIGHT_MAX
+            or not self.near.expires_within(account_id, credit_type, self._refresh_ahead_seconds)
+        ):
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(key))
+        self._refreshing[key] = task
+        self.counters.near_refreshes += 1
+
+    async def _refresh(self, key: tuple[str, str]) -> None:
+        account_id, credit_type = key
+        try:
+            wallet, account = await self.shared.get(account_id, credit_type)
+            # Only what Redis holds gives a near copy a new life (the near copy refuses it if
+            # older than its own): a copy Redis no longer has, or an unreachable Redis, lets it
+            # end on time.
+            if wallet is not None:
+                await self.near.put_wallet(account_id, credit_type, wallet)
+            if account is not None:
+                await self.near.put_account(account_id, account)
+        except Exception:  # the shared cache counts and logs its own failures: a bug
+            log.exception("refreshing a near cache copy failed")
+        finally:
+            self._refreshing.pop(key, None)
 
     async def put_wallet(self, account_id: str, credit_type: str, snapshot: WalletSnapshot) -> None:
         await self.near.put_wallet(account_id, credit_type, snapshot)
@@ -572,5 +623,9 @@ class LayeredBalanceCache:
         await self.shared.put_wallets_shared(snapshots)
 
     async def close(self) -> None:
+        refreshing = list(self._refreshing.values())
+        for task in refreshing:
+            task.cancel()
+        await asyncio.gather(*refreshing, return_exceptions=True)
         await self.near.close()
         await self.shared.close()
