@@ -135,3 +135,23 @@ def test_a_p99_at_half_of_peak_is_the_median_of_its_rounds(bench_run: ModuleType
         assert target["steal_cores"] == 0.3
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
+
+
+def test_a_scale_ratio_divides_by_the_median_of_the_rounds(bench_run: ModuleType) -> None:
+    bench = bench_run.Bench(bench_run.Settings.from_env())
+    try:
+        bench.results = {"reserve_uniform": _row(3380, 0.0), "reserve_hot": _row(3970, 0.0)}
+        rows = [
+            {**_row(2700, 0.0), "scenario": "reserve_uniform"},
+            {**_row(2300, 0.0), "scenario": "ceiling_naive"},
+            {**_row(2200, 0.0), "scenario": "ceiling_naive"},
+            {**_row(3000, 0.0), "scenario": "reserve_uniform"},
+        ]
+        bench.report["rounds"] = {"reserve_uniform": {"ceiling": "ceiling_naive", "rows": rows}}
+        # Round 1 ran fast (3,380): the median of 3,380, 2,700 and 3,000 is the base, and the
+        # ceiling's rows never count.
+        assert bench.base_calls_per_s("reserve_uniform") == 3000
+        # Not measured in rounds: its one run.
+        assert bench.base_calls_per_s("reserve_hot") == 3970
+    finally:
+        shutil.rmtree(bench.workdir, ignore_errors=True)
