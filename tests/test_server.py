@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pathlib
 import re
@@ -235,6 +236,33 @@ async def test_insufficient_credits_is_a_rich_failed_precondition(
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(error.value) == "INSUFFICIENT_CREDITS"
     assert "7" in (error.value.details() or "")
+
+
+async def test_a_refused_call_logs_its_method_code_caller_and_time_a_successful_one_only_at_debug(
+    start_server: Any, database_url: str, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(database_url)
+    check = pb.CheckCreditsRequest(account_id=accounts("a"), amount=1)
+    with caplog.at_level(logging.INFO, logger="credits.rpc"):
+        await server.stub.CheckCredits(check)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await server.stub.Reserve(
+                pb.ReserveRequest(account_id=accounts("a"), amount=7, idempotency_key="r")
+            )
+    lines = [r for r in caplog.records if r.name == "credits.rpc"]
+    assert [r.getMessage() for r in lines] == ["Reserve FAILED_PRECONDITION"]
+    fields = lines[0].fields  # type: ignore[attr-defined]
+    assert (fields["method"], fields["code"], fields["caller"]) == (
+        "Reserve",
+        "FAILED_PRECONDITION",
+        TEST_CALLER,
+    )
+    assert fields["elapsed_ms"] > 0
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="credits.rpc"):
+        await server.stub.CheckCredits(check)
+    lines = [r for r in caplog.records if r.name == "credits.rpc"]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [(logging.DEBUG, "CheckCredits OK")]
 
 
 async def test_sweeper_loop_expires_holds_in_the_background(

@@ -163,20 +163,23 @@ async def run_rpc(
         elapsed_ms = (time.perf_counter() - started) * 1000
         code = "OK" if status is None else status.code.name
         metrics.observe_rpc(method, code, elapsed_ms / 1000)
-        log.log(
-            logging.DEBUG if status is None else logging.INFO,
-            "%s %s",
-            method,
-            code,
-            extra={
-                "fields": {
-                    "method": method,
-                    "code": code,
-                    "elapsed_ms": round(elapsed_ms, 3),
-                    "caller": "" if caller is None else caller.name,
-                }
-            },
-        )
+        level = logging.DEBUG if status is None else logging.INFO
+        # Successful calls log at DEBUG, off in production: their fields are not built at all.
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s %s",
+                method,
+                code,
+                extra={
+                    "fields": {
+                        "method": method,
+                        "code": code,
+                        "elapsed_ms": round(elapsed_ms, 3),
+                        "caller": "" if caller is None else caller.name,
+                    }
+                },
+            )
         REQUEST_ID.reset(token)
     assert status is not None
     await context.abort(
