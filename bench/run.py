@@ -392,18 +392,39 @@ async def run_canary(target: str, body: bytes, stop: asyncio.Event) -> dict[str,
     return statuses
 
 
-def batch_sizes(
-    before: tuple[float, float, float], after: tuple[float, float, float]
-) -> dict[str, Any]:
+# The server's Reserve batch metrics the bench reads before and after each scenario.
+BATCH_METRICS = (
+    "credits_reserve_batches_total",
+    "credits_reserve_batch_requests_total",
+    "credits_reserve_batch_fill_waits_total",
+    "credits_reserve_batch_queue_seconds_count",
+    "credits_reserve_batch_queue_seconds_sum",
+    "credits_reserve_batch_duration_seconds_count",
+    "credits_reserve_batch_duration_seconds_sum",
+)
+
+
+def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """Reserve batches over a scenario (warm-up and tail included): at peak the event loop is
     the bottleneck and throughput follows the mean batch size (docs/performance.md). Fill waits:
-    batches that waited for calls because the server was saturated."""
-    batches, calls, fill_waits = (a - b for a, b in zip(after, before, strict=True))
+    batches that waited for calls because the server was saturated. A call's mean wait for its
+    batch to start, and a batch's mean time from start to commit: a Reserve's latency is about
+    the two added."""
+    spent = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in BATCH_METRICS}
+    batches = spent["credits_reserve_batches_total"]
+    calls = spent["credits_reserve_batch_requests_total"]
+
+    def mean_ms(histogram: str) -> float | None:
+        count = spent[f"{histogram}_count"]
+        return round(spent[f"{histogram}_sum"] / count * 1000, 3) if count else None
+
     return {
         "batches": int(batches),
         "calls": int(calls),
         "calls_per_batch": round(calls / batches, 2) if batches else None,
-        "fill_waits": int(fill_waits),
+        "fill_waits": int(spent["credits_reserve_batch_fill_waits_total"]),
+        "queue_ms_mean": mean_ms("credits_reserve_batch_queue_seconds"),
+        "batch_ms_mean": mean_ms("credits_reserve_batch_duration_seconds"),
     }
 
 
@@ -628,9 +649,8 @@ class Bench:
         assert self.meter_conn is not None
         return int(await self.meter_conn.fetchval("SELECT sum(last_sequence) FROM wallets"))
 
-    async def reserve_batches(self) -> tuple[float, float, float]:
-        """The server's Reserve batches, the calls in them and the batches that waited to fill
-        so far (its /metrics)."""
+    async def reserve_batches(self) -> dict[str, float]:
+        """The server's Reserve batch metrics so far (BATCH_METRICS, from its /metrics)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         async with aiohttp.ClientSession() as http, http.get(url) as response:
             response.raise_for_status()
@@ -640,11 +660,7 @@ class Bench:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
-        return (
-            values.get("credits_reserve_batches_total", 0.0),
-            values.get("credits_reserve_batch_requests_total", 0.0),
-            values.get("credits_reserve_batch_fill_waits_total", 0.0),
-        )
+        return {name: values.get(name, 0.0) for name in BATCH_METRICS}
 
     async def postgres_io(self) -> dict[str, int] | None:
         """Postgres's cumulative WAL (the whole cluster: the bench is alone on it) and the bench

@@ -155,3 +155,24 @@ def test_a_scale_ratio_divides_by_the_median_of_the_rounds(bench_run: ModuleType
         assert bench.base_calls_per_s("reserve_hot") == 3970
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
+
+
+def test_a_reserve_scenario_splits_a_call_into_its_wait_and_its_batch(
+    bench_run: ModuleType,
+) -> None:
+    before = {name: 0.0 for name in bench_run.BATCH_METRICS}
+    before["credits_reserve_batches_total"] = 10
+    after = {
+        "credits_reserve_batches_total": 110,
+        "credits_reserve_batch_requests_total": 300,
+        "credits_reserve_batch_fill_waits_total": 0,
+        "credits_reserve_batch_queue_seconds_count": 300,
+        "credits_reserve_batch_queue_seconds_sum": 0.6,
+        "credits_reserve_batch_duration_seconds_count": 100,
+        "credits_reserve_batch_duration_seconds_sum": 0.35,
+    }
+    sizes = bench_run.batch_sizes(before, after)
+    assert sizes["calls_per_batch"] == 3.0
+    assert (sizes["queue_ms_mean"], sizes["batch_ms_mean"]) == (2.0, 3.5)
+    # A server without the metrics (SQLite, or an older build): no figure rather than a wrong one.
+    assert bench_run.batch_sizes(before, before)["queue_ms_mean"] is None

@@ -152,9 +152,28 @@ async def test_rpc_latency_and_counts_are_served_by_method_and_code(
         # Two lone calls on an idle server: neither batch waited to fill.
         assert after.value("credits_reserve_batch_fill_waits_total") == 0
         assert 0 <= after.value("credits_event_loop_cpu_share") < 1
+        # Each call waited for its batch once, each batch was timed once, and every wait and
+        # batch took some time, at most the last bucket's (10 s).
+        for name in (
+            "credits_reserve_batch_queue_seconds",
+            "credits_reserve_batch_duration_seconds",
+        ):
+            assert after.value(f"{name}_count") == after.value(f"{name}_bucket", le="10.0") == 2
+            assert after.value(f"{name}_sum") > 0
+        # A call's wait and its batch are parts of the call's time.
+        reserve_seconds = sum(
+            after.value("credits_rpc_duration_seconds_sum", method="Reserve", code=code)
+            - before.value("credits_rpc_duration_seconds_sum", method="Reserve", code=code)
+            for code in ("OK", "FAILED_PRECONDITION")
+        )
+        batched_seconds = after.value("credits_reserve_batch_queue_seconds_sum") + after.value(
+            "credits_reserve_batch_duration_seconds_sum"
+        )
+        assert batched_seconds < reserve_seconds
     else:
         assert not after.has("credits_db_batch_connections")
         assert not after.has("credits_reserve_batch_fill_waits_total")
+        assert not after.has("credits_reserve_batch_duration_seconds_count")
     assert after.has("process_resident_memory_bytes")
 
 

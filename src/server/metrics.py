@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Iterable
-from itertools import accumulate
 
 from aiohttp import web
 from prometheus_client import (
@@ -48,52 +46,14 @@ from sqlalchemy.pool import QueuePool
 from store.backlog import Backlog
 from store.batch_pool import BatchConnections
 from store.cache import BalanceCache
+from store.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from store.reserve_batch import ReserveBatcher
 
 log = logging.getLogger("credits.metrics")
 
-# The service answers in 1 to 50 ms when healthy (docs/performance.md: p50 1 to 7 ms, p99 4 to
-# 14 ms at half of peak) and in hundreds of ms when saturated; deadlines end it at seconds.
-# Fine buckets where the budget is decided, coarse ones beyond.
-RPC_LATENCY_BUCKETS_SECONDS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-
-
-class _RpcCalls:
-    """Calls of one (method, code): the counter and the latency histogram in plain numbers.
-
-    prometheus_client's Counter and Histogram take a lock on every update; these are updated on
-    the event loop and read by scrapes on the same loop, so they need none. That took a call's
-    metrics from 1.35 us to about a third of it, on every RPC (docs/performance.md)."""
-
-    __slots__ = ("per_bucket", "sum_seconds")
-
-    def __init__(self) -> None:
-        # Calls per bucket, not cumulative: index i holds those in (bound[i-1], bound[i]], the
-        # last those above every bound.
-        self.per_bucket = [0] * (len(RPC_LATENCY_BUCKETS_SECONDS) + 1)
-        self.sum_seconds = 0.0
-
-
-_rpc_calls: dict[tuple[str, str], _RpcCalls] = {}
+# Calls of one (method, code): the counter is the histogram's count. Plain numbers, no lock: that
+# took a call's metrics from 1.35 us to about a third of it, on every RPC (docs/performance.md).
+_rpc_calls: dict[tuple[str, str], Histogram] = {}
 
 
 def observe_rpc(method: str, code: str, elapsed_seconds: float) -> None:
@@ -101,10 +61,8 @@ def observe_rpc(method: str, code: str, elapsed_seconds: float) -> None:
     gRPC code name, so the label sets stay few (methods x codes)."""
     calls = _rpc_calls.get((method, code))
     if calls is None:
-        calls = _rpc_calls[(method, code)] = _RpcCalls()
-    # As Prometheus buckets are bounded: le means at most.
-    calls.per_bucket[bisect_left(RPC_LATENCY_BUCKETS_SECONDS, elapsed_seconds)] += 1
-    calls.sum_seconds += elapsed_seconds
+        calls = _rpc_calls[(method, code)] = Histogram()
+    calls.observe(elapsed_seconds)
 
 
 class _RpcCollector(Collector):
@@ -122,16 +80,22 @@ class _RpcCollector(Collector):
             "Time from the start to the end of each CreditsService call, by method and gRPC code",
             labels=("method", "code"),
         )
-        # Bucket labels as prometheus_client writes them ("0.0005", "1.0"; untyped upstream).
-        bounds = [*(floatToGoString(b) for b in RPC_LATENCY_BUCKETS_SECONDS), "+Inf"]  # type: ignore[no-untyped-call]
         for (method, code), calls in sorted(_rpc_calls.items()):
-            cumulative = list(accumulate(calls.per_bucket))
-            handled.add_metric((method, code), cumulative[-1])
-            latency.add_metric(
-                (method, code), list(zip(bounds, cumulative, strict=True)), calls.sum_seconds
-            )
+            handled.add_metric((method, code), calls.cumulative()[-1])
+            _add_histogram(latency, (method, code), calls)
         yield handled
         yield latency
+
+
+# Bucket labels as prometheus_client writes them ("0.0005", "1.0"; untyped upstream).
+_BUCKET_LABELS = [*(floatToGoString(b) for b in LATENCY_BUCKETS_SECONDS), "+Inf"]  # type: ignore[no-untyped-call]
+
+
+def _add_histogram(
+    family: HistogramMetricFamily, labels: tuple[str, ...], histogram: Histogram
+) -> None:
+    buckets = list(zip(_BUCKET_LABELS, histogram.cumulative(), strict=True))
+    family.add_metric(labels, buckets, histogram.sum_seconds)
 
 
 _RPC_COLLECTOR = _RpcCollector()
@@ -341,7 +305,20 @@ class _ReserveBatchCollector(Collector):
             "batcher last measured it (near 1: the process is saturated)",
         )
         loop_share.add_metric((), self._batcher.loop_cpu_share)
-        return (batches, requests, failed, handed_back, locking, filled, loop_share)
+        queued = HistogramMetricFamily(
+            "credits_reserve_batch_queue_seconds",
+            "How long each batched Reserve call waited for its batch to start (rising with load "
+            "while batch_duration stays: calls queue behind the batch in flight)",
+        )
+        _add_histogram(queued, (), self._batcher.queue_seconds)
+        duration = HistogramMetricFamily(
+            "credits_reserve_batch_duration_seconds",
+            "How long each Reserve batch took from its start to its commit (its database round "
+            "trips, rate check and decisions; a slow database shows here)",
+        )
+        _add_histogram(duration, (), self._batcher.batch_seconds)
+        return (batches, requests, failed, handed_back, locking, filled, loop_share, queued,
+                duration)  # fmt: skip
 
 
 class _PoolCollector(Collector):

@@ -32,6 +32,7 @@ from store.batch_pool import BatchConnections
 from store.cache import WalletSnapshot
 from store.clock import Clock
 from store.errors import LedgerError
+from store.histogram import Histogram
 from store.loop_load import LoopLoad
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Waiting(Generic[RequestT, OutcomeT]):
     request: RequestT
     arrival: int
     future: asyncio.Future[OutcomeT | None]
+    # The loop's clock when the call was queued (queue_seconds).
+    queued_at: float = 0.0
 
 
 @dataclass
@@ -128,6 +131,10 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self.batch_max = batch_max
         self.batches_in_flight_max = batches_in_flight_max
         self.counters = BatchCounters()
+        # Where a batched call's time goes: waiting in the queue for its batch to start, then
+        # its batch, from start to commit (the two metrics tell a queue from a slow database).
+        self.queue_seconds = Histogram()
+        self.batch_seconds = Histogram()
         self._queue: list[Waiting[RequestT, OutcomeT]] = []
         self._arrivals = 0
         # Batches in their transaction, and when each started (the ones that count against
@@ -143,9 +150,10 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
 
     async def submit(self, request: RequestT) -> OutcomeT | None:
         """The outcome decided in a batch, or None: take the one-call path."""
-        future: asyncio.Future[OutcomeT | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[OutcomeT | None] = loop.create_future()
         self._arrivals += 1
-        self._queue.append(Waiting(request, self._arrivals, future))
+        self._queue.append(Waiting(request, self._arrivals, future, loop.time()))
         self._start_batches()
         return await future
 
@@ -196,7 +204,9 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             batch = self._queue[: self.batch_max]
             del self._queue[: self.batch_max]
             self._last_batch_size = len(batch)
-            task = asyncio.create_task(self._run(batch))
+            for waiting in batch:
+                self.queue_seconds.observe(now - waiting.queued_at)
+            task = asyncio.create_task(self._run(batch, now))
             self._tasks[task] = now
             self._live.add(task)
             task.add_done_callback(self._finished)
@@ -291,7 +301,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             self._count(batch)
         return batch
 
-    async def _run(self, batch: list[Waiting[RequestT, OutcomeT]]) -> None:
+    async def _run(self, batch: list[Waiting[RequestT, OutcomeT]], started: float) -> None:
         # The rate check (a Redis round trip) runs beside the batch's first round trip to
         # Postgres: a lone call waits for the slower of them, not for both.
         admitting = asyncio.ensure_future(self._admit(batch)) if self.admission else None
@@ -313,6 +323,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             # `settled` holds only what was committed before the failure: those calls are
             # answered, the others go one by one.
         self.leave_flight()  # a failed batch had not
+        self.batch_seconds.observe(asyncio.get_running_loop().time() - started)
         published = settled.published
         if published:
             self.publish.local(published)
