@@ -404,6 +404,23 @@ BATCH_METRICS = (
 )
 
 
+BATCH_HISTOGRAMS = ("credits_reserve_batch_queue_seconds", "credits_reserve_batch_duration_seconds")
+# Their bucket bounds as the server writes them (store/histogram.py), in seconds.
+BUCKETS = ("0.0005", "0.001", "0.0025", "0.005", "0.0075", "0.01", "0.015", "0.02", "0.03",
+           "0.05", "0.075", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf")  # fmt: skip
+
+
+def bucket_quantile_ms(cumulative: Sequence[float], quantile: float) -> float | None:
+    """The bound (ms) of the first bucket holding `quantile` of the observations: the quantile
+    is at most that. None with no observations, or beyond the last bound (10 s)."""
+    if not cumulative or cumulative[-1] <= 0:
+        return None
+    for bound, count in zip(BUCKETS[:-1], cumulative, strict=False):
+        if count >= quantile * cumulative[-1]:
+            return round(float(bound) * 1000, 3)
+    return None
+
+
 def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """Reserve batches over a scenario (warm-up and tail included): at peak the event loop is
     the bottleneck and throughput follows the mean batch size (docs/performance.md). Fill waits:
@@ -418,13 +435,24 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         count = spent[f"{histogram}_count"]
         return round(spent[f"{histogram}_sum"] / count * 1000, 3) if count else None
 
+    def at_most_ms(histogram: str, quantile: float) -> float | None:
+        cumulative = [
+            after.get(f"{histogram}_bucket:{le}", 0.0) - before.get(f"{histogram}_bucket:{le}", 0.0)
+            for le in BUCKETS
+        ]
+        return bucket_quantile_ms(cumulative, quantile)
+
+    queue, batch = BATCH_HISTOGRAMS
     return {
         "batches": int(batches),
         "calls": int(calls),
         "calls_per_batch": round(calls / batches, 2) if batches else None,
         "fill_waits": int(spent["credits_reserve_batch_fill_waits_total"]),
-        "queue_ms_mean": mean_ms("credits_reserve_batch_queue_seconds"),
-        "batch_ms_mean": mean_ms("credits_reserve_batch_duration_seconds"),
+        "queue_ms_mean": mean_ms(queue),
+        "batch_ms_mean": mean_ms(batch),
+        # From the histograms' buckets: the quantile is at most this bound.
+        "queue_ms_p99_at_most": at_most_ms(queue, 0.99),
+        "batch_ms_p99_at_most": at_most_ms(batch, 0.99),
     }
 
 
@@ -655,12 +683,14 @@ class Bench:
         async with aiohttp.ClientSession() as http, http.get(url) as response:
             response.raise_for_status()
             text = await response.text()
-        values = {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-        return {name: values.get(name, 0.0) for name in BATCH_METRICS}
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                # A histogram's buckets by their bound: name_bucket:le.
+                le = sample.labels.get("le")
+                values[sample.name if le is None else f"{sample.name}:{le}"] = sample.value
+        wanted = [*BATCH_METRICS, *(f"{h}_bucket:{le}" for h in BATCH_HISTOGRAMS for le in BUCKETS)]
+        return {name: values.get(name, 0.0) for name in wanted}
 
     async def postgres_io(self) -> dict[str, int] | None:
         """Postgres's cumulative WAL (the whole cluster: the bench is alone on it) and the bench

@@ -171,8 +171,21 @@ def test_a_reserve_scenario_splits_a_call_into_its_wait_and_its_batch(
         "credits_reserve_batch_duration_seconds_count": 100,
         "credits_reserve_batch_duration_seconds_sum": 0.35,
     }
+    # Waits: 250 of 300 at most 1 ms, 297 at most 10 ms, all at most 20 ms. Batches: 99 of 100
+    # at most 5 ms.
+    queue = {"0.001": 250, "0.0025": 280, "0.005": 290, "0.0075": 295, "0.01": 297}
+    for bound in bench_run.BUCKETS:
+        after[f"credits_reserve_batch_queue_seconds_bucket:{bound}"] = queue.get(
+            bound, 0 if float(bound) < 0.001 else 300
+        )
+        after[f"credits_reserve_batch_duration_seconds_bucket:{bound}"] = (
+            0 if float(bound) < 0.005 else 99 if float(bound) < 0.0075 else 100
+        )
     sizes = bench_run.batch_sizes(before, after)
     assert sizes["calls_per_batch"] == 3.0
     assert (sizes["queue_ms_mean"], sizes["batch_ms_mean"]) == (2.0, 3.5)
+    assert (sizes["queue_ms_p99_at_most"], sizes["batch_ms_p99_at_most"]) == (10.0, 5.0)
     # A server without the metrics (SQLite, or an older build): no figure rather than a wrong one.
     assert bench_run.batch_sizes(before, before)["queue_ms_mean"] is None
+    assert bench_run.batch_sizes(before, before)["queue_ms_p99_at_most"] is None
+    assert bench_run.bucket_quantile_ms([0] * 18 + [5], 0.5) is None  # beyond 10 s
