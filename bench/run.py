@@ -81,6 +81,10 @@ CANARY_INTERVAL_SECONDS = 0.05
 STEAL_CORES_MAX = 0.1
 # Cores busy before the bench starts above which its figures are flagged as disturbed.
 IDLE_CORES_MAX = 0.2
+# PACE_SHARES takes at most this many shares (each runs Reserve and the naive server once).
+PACE_SHARES_MAX = 8
+# The paced scenarios PACE_SHARES runs again, each with the scenario whose peak sets its pace.
+PACE_SCENARIOS = (("naive_half", "ceiling_naive"), ("reserve_uniform_half", "reserve_uniform"))
 # Rate limits of the bench's server: on (their checks cost what they cost) but never refusing.
 BENCH_RATE_PER_SECOND = 1_000_000
 
@@ -104,6 +108,23 @@ def _db_settings(text: str) -> tuple[tuple[str, str], ...]:
             raise SystemExit(f"BENCH_DB_SETTINGS: {item!r} is not name=value")
         pairs.append((name, value.strip()))
     return tuple(pairs)
+
+
+def pace_shares(text: str) -> tuple[float, ...]:
+    """Shares of a peak from "0.3,0.5": each above 0 and at most 1, at most PACE_SHARES_MAX of
+    them, in the order given (each costs two scenario windows)."""
+    shares = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            share = float(item)
+        except ValueError:
+            share = math.nan
+        if not 0 < share <= 1:
+            raise SystemExit(f"PACE_SHARES: {item!r} is not a share of the peak above 0, at most 1")
+        shares.append(share)
+    if len(shares) > PACE_SHARES_MAX:
+        raise SystemExit(f"PACE_SHARES: {len(shares)} shares, at most {PACE_SHARES_MAX}")
+    return tuple(shares)
 
 
 def _env_flag(name: str) -> bool:
@@ -141,6 +162,9 @@ class Settings:
     # DATABASE ... SET), to measure a deployment setting without touching the server's
     # configuration, e.g. "wal_compression=lz4" (docs/operations.md).
     db_settings: tuple[tuple[str, str], ...]
+    # PACE_SHARES: shares of the peak (its median over rounds) at which the paced Reserve and
+    # naive scenarios run again, for p99 against pace ("Pace" in bench/README.md); empty: none.
+    pace_shares: tuple[float, ...] = ()
 
     @staticmethod
     def from_env() -> Settings:
@@ -179,6 +203,7 @@ class Settings:
             naive_pool=_env_int("BENCH_NAIVE_POOL", 10),
             rounds=max(1, _env_int("BENCH_ROUNDS", 3)),
             db_settings=_db_settings(os.environ.get("BENCH_DB_SETTINGS") or ""),
+            pace_shares=pace_shares(os.environ.get("PACE_SHARES") or ""),
         )
 
 
@@ -1062,6 +1087,31 @@ class Bench:
                   + f"; median {_fmt(median)}")  # fmt: skip
         return section
 
+    async def pace_curve(self) -> dict[str, Any]:
+        """Reserve and the naive server again at each PACE_SHARES share of their peak (the
+        median over its rounds): how p99 grows with pace, where one half-of-peak figure is a
+        single point of that curve."""
+        by_name = {s.name: s for s in SCENARIOS}
+        shares = self.settings.pace_shares
+        pairs = [(n, peak) for n, peak in PACE_SCENARIOS if peak in self.results and shares]
+        if not pairs:
+            return {}
+        print_header("PACE: p99 against the share of each peak (PACE_SHARES)")
+        peaks = {peak: self.base_calls_per_s(peak) for _, peak in pairs}
+        rows: list[dict[str, Any]] = []
+        for share in shares:
+            for name, peak in pairs:
+                row = await self.run(
+                    by_name[name],
+                    wallets=self.wallets,
+                    rate=peaks[peak] * share,
+                    label=f"{name}_pace{share * 100:g}",
+                )
+                row["pace_share"] = share
+                print_row(row, None)
+                rows.append(row)
+        return {"shares": list(shares), "peaks_calls_per_s": peaks, "rows": rows}
+
     def base_calls_per_s(self, name: str) -> float:
         """A scenario's 10,000-wallet throughput for the SCALE ratio: the median over its
         rounds when it ran in rounds (a ratio pair), else its one run. Round 1 alone moved the
@@ -1496,6 +1546,7 @@ async def main() -> int:
         report["scenarios"] = bench.results
         report["rounds"] = await bench.ratio_rounds()
         report["half_rounds"] = await bench.half_rounds()
+        report["pace_curve"] = await bench.pace_curve()
         if settings.soak_seconds:
             print_header(f"SOAK: {settings.soak_seconds} s at half of the mixed flow's peak")
             report["soak"] = await bench.soak()

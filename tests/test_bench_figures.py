@@ -189,3 +189,13 @@ def test_a_reserve_scenario_splits_a_call_into_its_wait_and_its_batch(
     assert bench_run.batch_sizes(before, before)["queue_ms_mean"] is None
     assert bench_run.batch_sizes(before, before)["queue_ms_p99_at_most"] is None
     assert bench_run.bucket_quantile_ms([0] * 18 + [5], 0.5) is None  # beyond 10 s
+
+
+def test_pace_shares_are_read_in_order_and_refused_outside_0_to_1(bench_run: ModuleType) -> None:
+    assert bench_run.pace_shares("") == ()
+    assert bench_run.pace_shares("0.5, 0.3,1") == (0.5, 0.3, 1.0)
+    for bad in ("0", "1.5", "-0.2", "half", "nan"):
+        with pytest.raises(SystemExit, match="PACE_SHARES"):
+            bench_run.pace_shares(bad)
+    with pytest.raises(SystemExit, match="at most"):
+        bench_run.pace_shares(",".join(["0.1"] * (bench_run.PACE_SHARES_MAX + 1)))
