@@ -8,6 +8,7 @@ the one-call path cannot pass for the batch path.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import assert_no_failed_batches, asyncpg_dsn
+from sqlalchemy.engine import make_url
 
 from store import limits
 from store.audit import audit
@@ -720,3 +722,55 @@ def test_the_fill_wait_is_bounded() -> None:
         LedgerSettings(batch_fill_wait_ms=limits.BATCH_FILL_WAIT_MS_MAX + 1)
     with pytest.raises(ValueError, match="fill wait"):
         LedgerSettings(batch_fill_wait_ms=-1)
+
+
+def _link_socket(socket: pathlib.Path, link: pathlib.Path) -> bool:
+    if not socket.exists():
+        return False
+    link.symlink_to(socket)
+    return True
+
+
+async def test_the_ledger_and_its_batches_reach_a_local_postgres_through_its_unix_socket(
+    postgres_url: str, clock: ManualClock, accounts: Accounts, tmp_path: pathlib.Path
+) -> None:
+    # Operators of a co-located Postgres connect through its socket (docs/operations.md): the
+    # URL names the socket's directory as `host` in the query, and every pool (SQLAlchemy's and
+    # the batches' own asyncpg pools) must take it from there.
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_url))
+    try:
+        directories = await admin.fetchval("SHOW unix_socket_directories")
+        port = await admin.fetchval("SHOW port")
+    finally:
+        await admin.close()
+    directory = next((d.strip() for d in directories.split(",") if d.strip()), "")
+    # The socket under another directory and port, where no client would look by itself: a
+    # pool that dropped either from the URL would not find it.
+    if not _link_socket(pathlib.Path(directory, f".s.PGSQL.{port}"), tmp_path / ".s.PGSQL.6543"):
+        pytest.skip(f"Postgres's socket is not on this machine ({directory!r})")
+    url = make_url(postgres_url).set(
+        host=None, port=None, query={"host": str(tmp_path), "port": "6543"}
+    )
+    engine = create_engine(url.render_as_string(hide_password=False))
+    ledger = Ledger(engine, clock, LedgerSettings())
+    try:
+        account = accounts("socket")
+        await fund(ledger, account, 10)
+        results = await asyncio.gather(*(outcome(ledger, account, 1, f"s{i}") for i in range(12)))
+        assert Counter(results) == {"OK": 10, "INSUFFICIENT_CREDITS": 2}
+        assert batcher(ledger).counters.largest_batch > 1
+        async with engine.connect() as conn:
+            # No client address: this session and the batches' came through the socket.
+            rows = (
+                await conn.exec_driver_sql(
+                    "SELECT application_name, client_addr IS NULL FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name LIKE 'credits-%'"
+                )
+            ).all()
+        assert {name for name, _ in rows} >= {"credits-server", "credits-server-batches"}
+        assert all(through_socket for _, through_socket in rows), rows
+        await ledger.close()
+        report = await audit(engine, accounts.prefix)  # type: ignore[attr-defined]
+        assert report.clean, "\n".join(map(str, report.mismatches))
+    finally:
+        await engine.dispose()
