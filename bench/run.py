@@ -257,12 +257,12 @@ SCENARIOS: tuple[Scenario, ...] = (
 # from 3,022 to 5,009 calls/s in back-to-back runs of one day), and a ratio of two single runs
 # moves with it; adjacent runs share most of a spell (bench/README.md, "Rounds").
 RATIO_PAIRS = (("ceiling_grpc", "check_cached"), ("ceiling_naive", "reserve_uniform"))
-# The p99-at-half-of-peak targets, for the same reason each run BENCH_ROUNDS times at the pace
-# of the first round (half of the main run's peak), the target taking the median p99: one 10 s
-# window's p99 moves with whatever else the host ran in it (CheckCredits at half of its peak:
-# 3.8, 4.4 and 11.2 ms in three runs of one server on one day). The naive server at half of its
-# own peak and the no-op server at CheckCredits' pace run as often, so the p99s compare like
-# with like.
+# The p99-at-half-of-peak targets, for the same reason each run BENCH_ROUNDS times, after the
+# ratio rounds and at half of the median of their peak's rounds, the target taking the median
+# p99: one 10 s window's p99 moves with whatever else the host ran in it (CheckCredits at half
+# of its peak: 3.8, 4.4 and 11.2 ms in three runs of one server on one day). The naive server
+# at half of its own peak and the no-op server at CheckCredits' pace run as often, so the p99s
+# compare like with like.
 HALF_ROUNDS = ("check_cached_half", "ceiling_grpc_half", "naive_half", "reserve_uniform_half")
 SCALE_SCENARIOS = ("check_cached", "check_cached_half", "reserve_uniform", "reserve_uniform_half",
                    "reserve_commit", "reserve_hot", "add_credits", "history",
@@ -504,6 +504,12 @@ def median_p99(p99s_ms: Sequence[float | None]) -> float | None:
     """The median of the rounds' p99s that were measured (a round with no calls has none)."""
     measured = [value for value in p99s_ms if value is not None]
     return round(statistics.median(measured), 2) if measured else None
+
+
+def half_of_peak(peak_calls_per_s: float) -> float:
+    """The pace of a half-of-peak scenario: half of its peak (the median over the peak's rounds
+    where it ran in rounds)."""
+    return peak_calls_per_s / 2
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -995,9 +1001,14 @@ class Bench:
         only = self.settings.only
         return not only or scenario.name in only or scenario.ceiling_only
 
+    def deferred(self, scenario: Scenario) -> bool:
+        """Whether the scenario waits for half_rounds: a half-of-peak p99 measured in rounds runs
+        all its rounds after the ratio rounds, at half of its peak's median over them."""
+        return self.settings.rounds > 1 and scenario.name in HALF_ROUNDS
+
     async def main_scenarios(self) -> None:
         for scenario in SCENARIOS:
-            if not self.selected(scenario):
+            if not self.selected(scenario) or self.deferred(scenario):
                 continue
             rate = 0.0
             if scenario.half_of is not None:
@@ -1055,25 +1066,42 @@ class Bench:
         return section
 
     async def half_rounds(self) -> dict[str, Any]:
-        """Rounds 2 to BENCH_ROUNDS of each HALF_ROUNDS scenario at the main run's pace; sets
-        the median p99 on the scenario's latency (`p99_rounds_ms`, `p99_median_of_rounds_ms`)."""
+        """Every round of each HALF_ROUNDS scenario, after the ratio rounds, at half of its
+        peak's median over them (one slow or fast peak round does not set the pace); round 1 is
+        the scenario's result, and the median p99 goes on its latency (`p99_rounds_ms`,
+        `p99_median_of_rounds_ms`)."""
         by_name = {s.name: s for s in SCENARIOS}
         section: dict[str, Any] = {}
-        names = [name for name in HALF_ROUNDS if name in self.results]
-        if self.settings.rounds <= 1 or not names:
+        names = [
+            scenario.name
+            for scenario in SCENARIOS
+            if self.deferred(scenario)
+            and self.selected(scenario)
+            and scenario.half_of in self.results
+        ]
+        if not names:
             return section
         rounds = self.settings.rounds
-        print_header(f"ROUNDS: each half-of-peak p99 {rounds} times, the median counts")
-        for number in range(2, self.settings.rounds + 1):
+        print_header(
+            f"ROUNDS: each half-of-peak p99 {rounds} times at half of the peak's median, "
+            "the median counts"
+        )
+        paces = {}
+        for name in names:
+            peak = by_name[name].half_of
+            assert peak is not None
+            paces[name] = half_of_peak(self.base_calls_per_s(peak))
+        for number in range(1, rounds + 1):
             for name in names:
-                scenario = by_name[name]
-                assert scenario.half_of is not None
-                rate = self.results[scenario.half_of]["flows_per_s"] / 2
+                label = name if number == 1 else f"{name}_round{number}"
                 row = await self.run(
-                    scenario, wallets=self.wallets, rate=rate, label=f"{name}_round{number}"
+                    by_name[name], wallets=self.wallets, rate=paces[name], label=label
                 )
                 print_row(row, None)
-                section.setdefault(name, {"rows": []})["rows"].append(row)
+                if number == 1:
+                    self.results[name] = row
+                else:
+                    section.setdefault(name, {"rows": []})["rows"].append(row)
         for name in names:
             latency = self.results[name]["latency"]
             p99s = [latency.get("p99_ms")] + [

@@ -9,7 +9,7 @@ import pathlib
 import shutil
 import sys
 from collections.abc import Iterator
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -199,3 +199,35 @@ def test_pace_shares_are_read_in_order_and_refused_outside_0_to_1(bench_run: Mod
             bench_run.pace_shares(bad)
     with pytest.raises(SystemExit, match="at most"):
         bench_run.pace_shares(",".join(["0.1"] * (bench_run.PACE_SHARES_MAX + 1)))
+
+
+def test_half_of_peak_rounds_wait_for_the_ratio_rounds_and_take_half_the_median_peak(
+    bench_run: ModuleType,
+) -> None:
+    def deferred(rounds: int) -> set[str]:
+        bench = SimpleNamespace(settings=SimpleNamespace(rounds=rounds))
+        return {s.name for s in bench_run.SCENARIOS if bench_run.Bench.deferred(bench, s)}
+
+    # In rounds, every half-of-peak p99 target runs after the ratio rounds; alone, right after
+    # its peak. History's half-of-peak (no rounds) never waits.
+    assert deferred(3) == set(bench_run.HALF_ROUNDS)
+    assert deferred(1) == set()
+    assert "history_half" not in deferred(3)
+    # Round 1 of the peak was a slow spell (2,609 calls/s against 3,310 and 3,353): the pace is
+    # half of the median, not of round 1.
+    bench = SimpleNamespace(
+        results={"reserve_uniform": {"calls_per_s": 2609.0}},
+        report={
+            "rounds": {
+                "reserve_uniform": {
+                    "rows": [
+                        {"scenario": "reserve_uniform", "calls_per_s": 3310.0},
+                        {"scenario": "ceiling_naive", "calls_per_s": 2745.0},
+                        {"scenario": "reserve_uniform", "calls_per_s": 3353.0},
+                    ]
+                }
+            }
+        },
+    )
+    peak = bench_run.Bench.base_calls_per_s(bench, "reserve_uniform")
+    assert bench_run.half_of_peak(peak) == 1655.0
