@@ -251,6 +251,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("history_half", "History at half its peak", "server", "h2gen", "history",
              half_of="history"),
 )  # fmt: skip
+SCENARIO_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 # The ratio targets, each measured in BENCH_ROUNDS paired rounds: the ceiling and the scenario
 # run next to each other, and the target takes the median of the rounds' ratios. On a shared
 # two-core machine one run of either can land in a slow spell (the gRPC ceiling alone ranged
@@ -1015,7 +1016,7 @@ class Bench:
                 peak = self.results.get(scenario.half_of)
                 if peak is None:
                     continue
-                rate = peak["flows_per_s"] / 2
+                rate = half_of_peak(peak["flows_per_s"])
             result = await self.run(scenario, wallets=self.wallets, rate=rate)
             self.results[scenario.name] = result
             print_row(result, self.ratio_of(scenario, result))
@@ -1031,7 +1032,6 @@ class Bench:
         """Rounds 2 to BENCH_ROUNDS of each ratio pair (the main run was round 1), the
         scenario first in even rounds and the ceiling first in odd ones, so that a drift in the
         machine's speed favours neither. Sets the median ratio on the scenario's result."""
-        by_name = {s.name: s for s in SCENARIOS}
         section: dict[str, Any] = {}
         pairs = [
             (ceiling, name)
@@ -1050,7 +1050,9 @@ class Bench:
                 ran = {}
                 for which in order:
                     ran[which] = await self.run(
-                        by_name[which], wallets=self.wallets, label=f"{which}_round{number}"
+                        SCENARIO_BY_NAME[which],
+                        wallets=self.wallets,
+                        label=f"{which}_round{number}",
                     )
                 value = ratio(ran[name]["calls_per_s"], ran[ceiling]["calls_per_s"])
                 for which in order:
@@ -1070,7 +1072,6 @@ class Bench:
         peak's median over them (one slow or fast peak round does not set the pace); round 1 is
         the scenario's result, and the median p99 goes on its latency (`p99_rounds_ms`,
         `p99_median_of_rounds_ms`)."""
-        by_name = {s.name: s for s in SCENARIOS}
         section: dict[str, Any] = {}
         names = [
             scenario.name
@@ -1088,14 +1089,14 @@ class Bench:
         )
         paces = {}
         for name in names:
-            peak = by_name[name].half_of
+            peak = SCENARIO_BY_NAME[name].half_of
             assert peak is not None
             paces[name] = half_of_peak(self.base_calls_per_s(peak))
         for number in range(1, rounds + 1):
             for name in names:
                 label = name if number == 1 else f"{name}_round{number}"
                 row = await self.run(
-                    by_name[name], wallets=self.wallets, rate=paces[name], label=label
+                    SCENARIO_BY_NAME[name], wallets=self.wallets, rate=paces[name], label=label
                 )
                 print_row(row, None)
                 if number == 1:
@@ -1119,10 +1120,9 @@ class Bench:
         """Reserve and the naive server again at each PACE_SHARES share of their peak (the
         median over its rounds): how p99 grows with pace, where one half-of-peak figure is a
         single point of that curve."""
-        by_name = {s.name: s for s in SCENARIOS}
         shares = self.settings.pace_shares
-        pairs = [(n, peak) for n, peak in PACE_SCENARIOS if peak in self.results and shares]
-        if not pairs:
+        pairs = [(n, peak) for n, peak in PACE_SCENARIOS if peak in self.results]
+        if not shares or not pairs:
             return {}
         print_header("PACE: p99 against the share of each peak (PACE_SHARES)")
         peaks = {peak: self.base_calls_per_s(peak) for _, peak in pairs}
@@ -1130,7 +1130,7 @@ class Bench:
         for share in shares:
             for name, peak in pairs:
                 row = await self.run(
-                    by_name[name],
+                    SCENARIO_BY_NAME[name],
                     wallets=self.wallets,
                     rate=peaks[peak] * share,
                     label=f"{name}_pace{share * 100:g}",
@@ -1194,9 +1194,8 @@ class Bench:
         print_header(
             f"SCALE: {self.settings.scale_wallets:,} wallets, {journal_rows:,} journal rows"
         )
-        by_name = {s.name: s for s in SCENARIOS}
         for name in SCALE_SCENARIOS:
-            scenario = by_name[name]
+            scenario = SCENARIO_BY_NAME[name]
             if not self.selected(scenario) or name not in self.results:
                 continue
             rate = 0.0
@@ -1204,7 +1203,7 @@ class Bench:
                 peak = section["scenarios"].get(scenario.half_of)
                 if peak is None:
                     continue
-                rate = peak["flows_per_s"] / 2
+                rate = half_of_peak(peak["flows_per_s"])
             result = await self.run(
                 scenario,
                 wallets=self.settings.scale_wallets,
@@ -1239,7 +1238,7 @@ class Bench:
         mix = Scenario("soak_peak", "Check -> Reserve -> Commit, peak", "server", "h2gen", "mix")
         peak = await self.run(mix, wallets=self.wallets, audit=False)
         print_row(peak, None)
-        rate = peak["flows_per_s"] / 2
+        rate = half_of_peak(peak["flows_per_s"])
         interval = max(1.0, min(10.0, seconds / 60))
         server = self.servers["server"]
         samples: list[tuple[float, float]] = []
@@ -1291,7 +1290,6 @@ class Bench:
         return section
 
     async def sweep(self) -> list[dict[str, Any]]:
-        by_name = {s.name: s for s in SCENARIOS}
         rows: list[dict[str, Any]] = []
         print_header("SWEEP: throughput and latency against concurrency")
         for level in self.settings.sweep_levels:
@@ -1299,7 +1297,7 @@ class Bench:
             streams = max(1, level // connections)
             for name in ("ceiling_grpc", "check_cached", "ceiling_naive", "reserve_uniform"):
                 result = await self.run(
-                    by_name[name],
+                    SCENARIO_BY_NAME[name],
                     wallets=self.wallets,
                     label=f"sweep_{name}_c{level}",
                     connections=connections,
