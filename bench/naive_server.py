@@ -16,6 +16,9 @@ import signal
 import time
 from typing import Any
 
+# gRPC's C core as credits-server runs it (src/server/grpc_core.py), set before grpc loads:
+# the ceilings measure the same gRPC as the server they are ceilings for.
+from server import grpc_core as _grpc_core  # noqa: F401  # isort: skip
 import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp

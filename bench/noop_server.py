@@ -13,6 +13,9 @@ import asyncio
 import signal
 from typing import Any
 
+# gRPC's C core as credits-server runs it (src/server/grpc_core.py), set before grpc loads:
+# the ceilings measure the same gRPC as the server they are ceilings for.
+from server import grpc_core as _grpc_core  # noqa: F401  # isort: skip
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 

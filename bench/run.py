@@ -55,6 +55,7 @@ from procstat import machine_busy_seconds, tree_rss_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 from credits.v1 import credits_pb2 as pb
+from server.grpc_core import EXPERIMENTS_VARIABLE, with_default_experiments
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
@@ -1564,6 +1565,8 @@ async def main() -> int:
             "database_settings": dict(settings.db_settings),
             "postgres_cpu_measured": bench.postgres_local,
             "redis_cpu_measured": bench.redis_pid is not None,
+            # What every server here ran gRPC's C core with (src/server/grpc_core.py).
+            "grpc_experiments": with_default_experiments(os.environ.get(EXPERIMENTS_VARIABLE)),
         }
         print_header(
             f"credits bench {report['git']['commit'][:10]} on {report['machine']['cpu_model']}"

@@ -19,6 +19,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+# gRPC's C core as credits-server runs it (src/server/grpc_core.py), set before grpc loads, so
+# that the in-process servers of the suite run it too.
+from server import grpc_core as _grpc_core  # noqa: F401  # isort: skip
 import asyncpg
 import grpc
 import pytest
