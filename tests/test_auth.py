@@ -29,7 +29,7 @@ from sqlalchemy import select, text
 from credits.v1 import credits_pb2 as pb
 from credits.v1 import credits_pb2_grpc
 from server.app import CreditsApp
-from server.auth import METHOD_SCOPES
+from server.auth import METHOD_SCOPES, Authenticator, AuthFailure
 from server.config import ServerConfig
 from server.dev_token import DEV_CALLER, ensure_dev_token
 from store.callers import ALL_SCOPES, CallerStore, Scope, new_token
@@ -704,3 +704,69 @@ async def test_no_dev_token_is_issued_on_postgres_unless_asked() -> None:
 
     store: Any = Untouchable()
     await ensure_dev_token(store, "postgresql://postgres@127.0.0.1/credits", forced=False)
+
+
+class _NoDeadline:
+    """What Authenticator reads of a call's context on a lookup: its time left (none here)."""
+
+    def time_remaining(self) -> None:
+        return None
+
+
+async def _settled(authenticator: Authenticator) -> None:
+    """Waits for the lookups the authenticator started behind its calls."""
+    for _ in range(500):
+        if not authenticator.lookups_ahead:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a lookup started ahead of expiry never settled")
+
+
+async def test_a_token_in_steady_use_is_looked_up_again_before_it_expires(
+    callers: CallerStore, new_caller: Any, accounts: Accounts
+) -> None:
+    # Without the lookup ahead, the call after the entry's expiry misses memory and every call
+    # arriving meanwhile waits for one database lookup, once per TTL.
+    now = [0.0]
+    authenticator = Authenticator(callers, 10.0, monotonic=lambda: now[0])
+    caller = await new_caller("steady", {Scope.READ})
+    metadata = auth_metadata(caller.token)
+    account = accounts("a")
+    await authenticator.authorize("CheckCredits", pb.CheckCreditsRequest(account_id=account),
+                                  _NoDeadline(), metadata)  # type: ignore[arg-type]  # fmt: skip
+    now[0] = 7.0  # not yet in the last quarter: nothing started
+    assert authenticator.authorize_in_memory("CheckCredits", account, metadata) is not None
+    assert not authenticator.lookups_ahead
+    now[0] = 8.0  # in the last quarter: answered from memory, looked up behind the call
+    assert authenticator.authorize_in_memory("CheckCredits", account, metadata) is not None
+    assert authenticator.lookups_ahead
+    await _settled(authenticator)
+    now[0] = 12.0  # past the first lookup's expiry, within the second's
+    known = authenticator.authorize_in_memory("CheckCredits", account, metadata)
+    assert known is not None and known.name == caller.name
+    now[0] = 18.5  # unused since 12: the second lookup's entry expired
+    assert authenticator.authorize_in_memory("CheckCredits", account, metadata) is None
+
+
+async def test_a_token_revoked_while_in_use_fails_once_looked_up_again_within_the_ttl(
+    callers: CallerStore, new_caller: Any, accounts: Accounts
+) -> None:
+    now = [0.0]
+    authenticator = Authenticator(callers, 10.0, monotonic=lambda: now[0])
+    caller = await new_caller("revoked-in-use", {Scope.READ})
+    metadata = auth_metadata(caller.token)
+    request = pb.CheckCreditsRequest(account_id=accounts("a"))
+    await authenticator.authorize("CheckCredits", request, _NoDeadline(), metadata)  # type: ignore[arg-type]
+    listing = await callers.get(caller.name)
+    assert listing is not None
+    await callers.revoke_token(caller.name, listing.tokens[0].token_id, "tests")
+    now[0] = 8.0  # the entry is 8 s old: still answered, and looked up again
+    assert authenticator.authorize_in_memory("CheckCredits", request.account_id, metadata)
+    await _settled(authenticator)
+    assert authenticator.authorize_in_memory("CheckCredits", request.account_id, metadata) is None
+    with pytest.raises(AuthFailure) as refused:
+        await authenticator.authorize("CheckCredits", request, _NoDeadline(), metadata)  # type: ignore[arg-type]
+    assert refused.value.status.code == grpc.StatusCode.UNAUTHENTICATED
+    now[0] = 12.0  # and so it stays, past the first entry's expiry
+    with pytest.raises(AuthFailure):
+        await authenticator.authorize("CheckCredits", request, _NoDeadline(), metadata)  # type: ignore[arg-type]

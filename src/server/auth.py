@@ -10,7 +10,11 @@ Lookups are cached in process for `cache_ttl_seconds` (5 s by default), unknown 
 included, so the hot path costs a SHA-256 and a dict probe (a dict probe alone once the exact
 header was accepted: authorize_in_memory), and a revoked token, a disabled caller or a changed
 scope takes effect within that time. Concurrent misses for one credential share a single
-database lookup.
+database lookup. A token accepted in memory in the last part of its entry's life
+(AUTH_REFRESH_AHEAD_SHARE) is looked up again behind the call, so a credential in steady use
+never expires under its callers: without that, every call arriving while the one lookup ran
+waited for it, once per `cache_ttl_seconds`. Only the lookup renews an entry, so no answer is
+older than `cache_ttl_seconds`, as before.
 """
 
 from __future__ import annotations
@@ -180,6 +184,9 @@ class Authenticator:
         # the call's own metadata does, for no longer than that.
         self._by_header = _TtlCache(cache_ttl_seconds, monotonic)
         self._pending: dict[_CacheKey, asyncio.Future[CallerRecord | None]] = {}
+        self._monotonic = monotonic
+        # Lookups started ahead of an entry's expiry (by header), until they settle.
+        self._refreshing: set[str] = set()
 
     async def authorize(
         self,
@@ -209,10 +216,52 @@ class Authenticator:
         headers = authorization_headers(metadata)
         if len(headers) != 1 or not isinstance(headers[0], str):
             return None  # none, several or binary: authorize() says what is wrong
-        found, caller = self._by_header.get((headers[0],))
+        header = headers[0]
+        found, caller = self._by_header.get((header,))
         if not found or caller is None or not caller.active:
             return None
+        self._refresh_if_due(header)
         return caller if _refusal(method, caller, account_id) is None else None
+
+    @property
+    def lookups_ahead(self) -> int:
+        """Lookups started ahead of an entry's expiry that have not settled yet."""
+        return len(self._refreshing)
+
+    def _refresh_if_due(self, header: str) -> None:
+        """Looks the header's token up again, behind the call, once its entry is in the last
+        AUTH_REFRESH_AHEAD_SHARE of its life; the entry keeps answering meanwhile."""
+        expires_at = self._by_header.expires_at((header,))
+        ttl_seconds = self._by_header.ttl_seconds
+        if (
+            expires_at is None
+            or header in self._refreshing
+            or expires_at - self._monotonic() > ttl_seconds * limits.AUTH_REFRESH_AHEAD_SHARE
+        ):
+            return
+        # The entry came from this header's token, so it parses; the lookup is the one a miss
+        # would make (shared with a miss that comes meanwhile).
+        token = bearer_token(((AUTHORIZATION_HEADER, header),))
+        assert token is not None, "an accepted header holds a bearer token"
+        digest = token_digest(token)
+        key = ("token", digest)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.find_by_token_digest(digest))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._settle(key, done))
+        self._refreshing.add(header)
+        pending.add_done_callback(lambda done: self._settle_header(header, key, done))
+
+    def _settle_header(
+        self, header: str, key: _CacheKey, done: asyncio.Future[CallerRecord | None]
+    ) -> None:
+        """After _settle: the header's entry follows its token's (a failed lookup renews
+        neither, and the entry then expires as it would have)."""
+        self._refreshing.discard(header)
+        if done.cancelled() or done.exception() is not None:
+            return
+        self._by_header.put((header,), done.result(), self._cache.expires_at(key))
 
     async def authenticate(
         self, context: Context, metadata: Sequence[tuple[str, str | bytes]] | None = None

@@ -144,5 +144,8 @@ AUTH_CACHE_TTL_SECONDS_DEFAULT: Final = 5.0
 AUTH_CACHE_TTL_SECONDS_MAX: Final = 300.0
 # Lookups (token digests, certificate identities; unknown ones included) one process remembers.
 AUTH_CACHE_ENTRIES_MAX: Final = 10_000
+# A token accepted from memory in this last share of its entry's life is looked up again behind
+# the call (server/auth.py): a credential in use never expires under its callers.
+AUTH_REFRESH_AHEAD_SHARE: Final = 0.25
 # Identities (SANs and the subject CN) read from one client certificate.
 CERTIFICATE_IDENTITIES_MAX: Final = 16
