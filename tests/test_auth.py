@@ -713,60 +713,87 @@ class _NoDeadline:
         return None
 
 
-async def _settled(authenticator: Authenticator) -> None:
-    """Waits for the lookups the authenticator started behind its calls."""
-    for _ in range(500):
-        if not authenticator.lookups_ahead:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("a lookup started ahead of expiry never settled")
+@dataclass
+class _TimedAuthenticator:
+    """An Authenticator on the real caller store with a clock the test sets (`now`, seconds),
+    its TTL 10 s, and one READ caller's token."""
+
+    authenticator: Authenticator
+    clock: list[float]
+    caller: Credential
+    request: pb.CheckCreditsRequest
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return auth_metadata(self.caller.token)
+
+    def at(self, seconds: float) -> None:
+        self.clock[0] = seconds
+
+    def in_memory(self) -> Any:
+        return self.authenticator.authorize_in_memory(
+            "CheckCredits", self.request.account_id, self.metadata
+        )
+
+    async def authorize(self) -> Any:
+        context: Any = _NoDeadline()
+        return await self.authenticator.authorize(
+            "CheckCredits", self.request, context, self.metadata
+        )
+
+    async def settled(self) -> None:
+        """Waits for the lookups the authenticator started behind its calls."""
+        for _ in range(500):
+            if not self.authenticator.lookups_ahead:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("a lookup started ahead of expiry never settled")
+
+
+@pytest.fixture
+async def timed(callers: CallerStore, new_caller: Any, accounts: Accounts) -> _TimedAuthenticator:
+    clock = [0.0]
+    authenticator = Authenticator(callers, 10.0, monotonic=lambda: clock[0])
+    caller = await new_caller("timed", {Scope.READ})
+    return _TimedAuthenticator(
+        authenticator, clock, caller, pb.CheckCreditsRequest(account_id=accounts("a"))
+    )
 
 
 async def test_a_token_in_steady_use_is_looked_up_again_before_it_expires(
-    callers: CallerStore, new_caller: Any, accounts: Accounts
+    timed: _TimedAuthenticator,
 ) -> None:
     # Without the lookup ahead, the call after the entry's expiry misses memory and every call
     # arriving meanwhile waits for one database lookup, once per TTL.
-    now = [0.0]
-    authenticator = Authenticator(callers, 10.0, monotonic=lambda: now[0])
-    caller = await new_caller("steady", {Scope.READ})
-    metadata = auth_metadata(caller.token)
-    account = accounts("a")
-    await authenticator.authorize("CheckCredits", pb.CheckCreditsRequest(account_id=account),
-                                  _NoDeadline(), metadata)  # type: ignore[arg-type]  # fmt: skip
-    now[0] = 7.0  # not yet in the last quarter: nothing started
-    assert authenticator.authorize_in_memory("CheckCredits", account, metadata) is not None
-    assert not authenticator.lookups_ahead
-    now[0] = 8.0  # in the last quarter: answered from memory, looked up behind the call
-    assert authenticator.authorize_in_memory("CheckCredits", account, metadata) is not None
-    assert authenticator.lookups_ahead
-    await _settled(authenticator)
-    now[0] = 12.0  # past the first lookup's expiry, within the second's
-    known = authenticator.authorize_in_memory("CheckCredits", account, metadata)
-    assert known is not None and known.name == caller.name
-    now[0] = 18.5  # unused since 12: the second lookup's entry expired
-    assert authenticator.authorize_in_memory("CheckCredits", account, metadata) is None
+    await timed.authorize()
+    timed.at(7.0)  # not yet in the last quarter: nothing started
+    assert timed.in_memory() is not None
+    assert not timed.authenticator.lookups_ahead
+    timed.at(8.0)  # in the last quarter: answered from memory, looked up behind the call
+    assert timed.in_memory() is not None
+    assert timed.authenticator.lookups_ahead
+    await timed.settled()
+    timed.at(12.0)  # past the first lookup's expiry, within the second's
+    known = timed.in_memory()
+    assert known is not None and known.name == timed.caller.name
+    timed.at(18.5)  # unused since 12: the second lookup's entry expired
+    assert timed.in_memory() is None
 
 
 async def test_a_token_revoked_while_in_use_fails_once_looked_up_again_within_the_ttl(
-    callers: CallerStore, new_caller: Any, accounts: Accounts
+    timed: _TimedAuthenticator, callers: CallerStore
 ) -> None:
-    now = [0.0]
-    authenticator = Authenticator(callers, 10.0, monotonic=lambda: now[0])
-    caller = await new_caller("revoked-in-use", {Scope.READ})
-    metadata = auth_metadata(caller.token)
-    request = pb.CheckCreditsRequest(account_id=accounts("a"))
-    await authenticator.authorize("CheckCredits", request, _NoDeadline(), metadata)  # type: ignore[arg-type]
-    listing = await callers.get(caller.name)
+    await timed.authorize()
+    listing = await callers.get(timed.caller.name)
     assert listing is not None
-    await callers.revoke_token(caller.name, listing.tokens[0].token_id, "tests")
-    now[0] = 8.0  # the entry is 8 s old: still answered, and looked up again
-    assert authenticator.authorize_in_memory("CheckCredits", request.account_id, metadata)
-    await _settled(authenticator)
-    assert authenticator.authorize_in_memory("CheckCredits", request.account_id, metadata) is None
+    await callers.revoke_token(timed.caller.name, listing.tokens[0].token_id, "tests")
+    timed.at(8.0)  # the entry is 8 s old: still answered, and looked up again
+    assert timed.in_memory() is not None
+    await timed.settled()
+    assert timed.in_memory() is None
     with pytest.raises(AuthFailure) as refused:
-        await authenticator.authorize("CheckCredits", request, _NoDeadline(), metadata)  # type: ignore[arg-type]
+        await timed.authorize()
     assert refused.value.status.code == grpc.StatusCode.UNAUTHENTICATED
-    now[0] = 12.0  # and so it stays, past the first entry's expiry
+    timed.at(12.0)  # and so it stays, past the first entry's expiry
     with pytest.raises(AuthFailure):
-        await authenticator.authorize("CheckCredits", request, _NoDeadline(), metadata)  # type: ignore[arg-type]
+        await timed.authorize()
