@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -86,9 +87,16 @@ class ServerProcess:
         return self.process.wait(timeout_seconds)
 
 
-def spawn_server(database_url: str, *extra_args: str, port: int | None = None) -> ServerProcess:
+def spawn_server(
+    database_url: str,
+    *extra_args: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    stderr: int | IO[bytes] = subprocess.PIPE,
+) -> ServerProcess:
     """A credits-server process on `port` (a free one when None: pass the same port again to
-    restart a server where its clients expect it)."""
+    restart a server where its clients expect it), with this process's environment unless
+    `env` is given, and its stderr piped unless `stderr` says where."""
     port = free_port() if port is None else port
     address = f"127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -104,9 +112,9 @@ def spawn_server(database_url: str, *extra_args: str, port: int | None = None) -
             "WARNING",
             *extra_args,
         ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
     )
     return ServerProcess(process, address)
 

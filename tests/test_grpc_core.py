@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
-from processes import free_port, wait_serving
+from processes import spawn_server, wait_serving
 
 from server.grpc_core import EXPERIMENTS_VARIABLE, with_default_experiments
 
@@ -37,23 +35,15 @@ def _server_log(tmp_path: pathlib.Path, experiments: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != EXPERIMENTS_VARIABLE}
     if experiments is not None:
         env[EXPERIMENTS_VARIABLE] = experiments
-    env.update(GRPC_VERBOSITY="debug", GRPC_TRACE="tcp", PYTHONUNBUFFERED="1")
-    address = f"127.0.0.1:{free_port()}"
+    env.update(GRPC_VERBOSITY="debug", GRPC_TRACE="tcp")
     log_path = tmp_path / "server.stderr"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server.main", "--listen", address,
-             "--database-url", f"sqlite:///{tmp_path}/credits.db", "--log-level", "WARNING"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            # A file, not a pipe: gRPC's tracing may write more than a pipe holds.
-            stderr=log,
-        )  # fmt: skip
+        # A file, not a pipe: gRPC's tracing may write more than a pipe holds.
+        server = spawn_server(f"sqlite:///{tmp_path}/credits.db", env=env, stderr=log)
         try:
-            asyncio.run(wait_serving(address, process))
+            asyncio.run(wait_serving(server.address, server.process))
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            server.terminate(timeout_seconds=30)
     return log_path.read_text(errors="replace")
 
 

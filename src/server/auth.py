@@ -240,16 +240,13 @@ class Authenticator:
         ):
             return
         # The entry came from this header's token, so it parses; the lookup is the one a miss
-        # would make (shared with a miss that comes meanwhile).
+        # would make (shared with a miss that comes meanwhile), and _settle runs before
+        # _settle_header: callbacks run in the order they were added.
         token = bearer_token(((AUTHORIZATION_HEADER, header),))
         assert token is not None, "an accepted header holds a bearer token"
         digest = token_digest(token)
         key = ("token", digest)
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self.store.find_by_token_digest(digest))
-            self._pending[key] = pending
-            pending.add_done_callback(lambda done: self._settle(key, done))
+        pending = self._start_lookup(key, lambda: self.store.find_by_token_digest(digest))
         self._refreshing.add(header)
         pending.add_done_callback(lambda done: self._settle_header(header, key, done))
 
@@ -323,14 +320,22 @@ class Authenticator:
         found, caller = self._cache.get(key)
         if found:
             return caller
+        pending = self._start_lookup(key, load)
+        # Shielded: one caller's deadline must not cancel the lookup others are waiting for.
+        async with asyncio.timeout(context.time_remaining()):
+            return await asyncio.shield(pending)
+
+    def _start_lookup(
+        self, key: _CacheKey, load: Callable[[], Awaitable[CallerRecord | None]]
+    ) -> asyncio.Future[CallerRecord | None]:
+        """The database lookup of `key` in flight, started if none is: concurrent misses and
+        lookups ahead of expiry share one; it fills the cache when it settles."""
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(load())
             self._pending[key] = pending
             pending.add_done_callback(lambda done: self._settle(key, done))
-        # Shielded: one caller's deadline must not cancel the lookup others are waiting for.
-        async with asyncio.timeout(context.time_remaining()):
-            return await asyncio.shield(pending)
+        return pending
 
     def _settle(self, key: _CacheKey, done: asyncio.Future[CallerRecord | None]) -> None:
         self._pending.pop(key, None)
