@@ -166,6 +166,9 @@ class Settings:
     # PACE_SHARES: shares of the peak (its median over rounds) at which the paced Reserve and
     # naive scenarios run again, for p99 against pace ("Pace" in bench/README.md); empty: none.
     pace_shares: tuple[float, ...] = ()
+    # BENCH_HALF_PACE: calls/s for every half-of-peak scenario instead of half its measured
+    # peak, so that two builds or settings compare at one pace (0: half of the peak).
+    half_pace: float = 0.0
 
     @staticmethod
     def from_env() -> Settings:
@@ -205,6 +208,7 @@ class Settings:
             rounds=max(1, _env_int("BENCH_ROUNDS", 3)),
             db_settings=_db_settings(os.environ.get("BENCH_DB_SETTINGS") or ""),
             pace_shares=pace_shares(os.environ.get("PACE_SHARES") or ""),
+            half_pace=_env_float("BENCH_HALF_PACE", 0.0),
         )
 
 
@@ -424,6 +428,9 @@ BATCH_METRICS = (
     "credits_reserve_batches_total",
     "credits_reserve_batch_requests_total",
     "credits_reserve_batch_fill_waits_total",
+    "credits_reserve_batch_locking_retries_total",
+    "credits_reserve_batch_copy_decisions_total",
+    "credits_reserve_batch_copy_rereads_total",
     "credits_reserve_batch_queue_seconds_count",
     "credits_reserve_batch_queue_seconds_sum",
     "credits_reserve_batch_duration_seconds_count",
@@ -453,7 +460,8 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     the bottleneck and throughput follows the mean batch size (docs/performance.md). Fill waits:
     batches that waited for calls because the server was saturated. A call's mean wait for its
     batch to start, and a batch's mean time from start to commit: a Reserve's latency is about
-    the two added."""
+    the two added. Locking retries and copy decisions: which of a batch's paths ran
+    (store/reserve_batch.py)."""
     spent = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in BATCH_METRICS}
     batches = spent["credits_reserve_batches_total"]
     calls = spent["credits_reserve_batch_requests_total"]
@@ -475,6 +483,11 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         "calls": int(calls),
         "calls_per_batch": round(calls / batches, 2) if batches else None,
         "fill_waits": int(spent["credits_reserve_batch_fill_waits_total"]),
+        "locking_retries": int(spent["credits_reserve_batch_locking_retries_total"]),
+        # Batches decided on the process's copies of their wallets, without a read (lever 21),
+        # and those of them that read after all.
+        "copy_decisions": int(spent["credits_reserve_batch_copy_decisions_total"]),
+        "copy_rereads": int(spent["credits_reserve_batch_copy_rereads_total"]),
         "queue_ms_mean": mean_ms(queue),
         "batch_ms_mean": mean_ms(batch),
         # From the histograms' buckets: the quantile is at most this bound.
@@ -1015,9 +1028,12 @@ class Bench:
             rate = 0.0
             if scenario.half_of is not None:
                 peak = self.results.get(scenario.half_of)
-                if peak is None:
+                if self.settings.half_pace:
+                    rate = self.settings.half_pace
+                elif peak is None:
                     continue
-                rate = half_of_peak(peak["flows_per_s"])
+                else:
+                    rate = half_of_peak(peak["flows_per_s"])
             result = await self.run(scenario, wallets=self.wallets, rate=rate)
             self.results[scenario.name] = result
             print_row(result, self.ratio_of(scenario, result))
@@ -1079,7 +1095,7 @@ class Bench:
             for scenario in SCENARIOS
             if self.deferred(scenario)
             and self.selected(scenario)
-            and scenario.half_of in self.results
+            and (scenario.half_of in self.results or self.settings.half_pace)
         ]
         if not names:
             return section
@@ -1092,7 +1108,7 @@ class Bench:
         for name in names:
             peak = SCENARIO_BY_NAME[name].half_of
             assert peak is not None
-            paces[name] = half_of_peak(self.base_calls_per_s(peak))
+            paces[name] = self.settings.half_pace or half_of_peak(self.base_calls_per_s(peak))
         for number in range(1, rounds + 1):
             for name in names:
                 label = name if number == 1 else f"{name}_round{number}"

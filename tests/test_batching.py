@@ -48,6 +48,7 @@ from store.model import (
 )
 from store.reserve_batch import ReserveBatcher
 from store.resolve_batch import ResolveBatcher
+from store.wallet_copies import WalletCopies
 
 Accounts = Callable[[str], str]
 CALLER = Caller(principal="svc:test", action="test.batch", request_id="req-b")
@@ -774,3 +775,187 @@ async def test_the_ledger_and_its_batches_reach_a_local_postgres_through_its_uni
         assert report.clean, "\n".join(map(str, report.mismatches))
     finally:
         await engine.dispose()
+
+
+# ---- lever 21: a batch decides on this process's copy of a wallet it wrote --------------------
+
+
+def copies(ledger: Ledger) -> WalletCopies:
+    return batcher(ledger).copies
+
+
+async def reserve(ledger: Ledger, account: str, amount: int, key: str) -> ReservationResult:
+    return await ledger.reserve(ReserveCommand(account, "default", amount, key), CALLER)
+
+
+@pytest.fixture
+async def replica(pg_ledger: Ledger, clock: ManualClock) -> AsyncIterator[Ledger]:
+    """Another replica on the same database: its writes are invisible to pg_ledger's copies."""
+    other = Ledger(pg_ledger.engine, clock, LedgerSettings(batch_writes=False))
+    yield other
+    await other.close()
+
+
+async def test_a_wallet_this_process_wrote_is_reserved_again_on_its_copy_with_the_same_burn_down(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    account = accounts("copied")
+    await fund(pg_ledger, account, 5, "promo", priority=1)
+    await fund(pg_ledger, account, 100, "paid", priority=5)
+    first = await reserve(pg_ledger, account, 3, "r1")  # read, written, copy kept
+    assert copies(pg_ledger).decided == 0 and len(copies(pg_ledger)) == 1
+    second = await reserve(pg_ledger, account, 3, "r2")  # decided on the copy
+    assert (copies(pg_ledger).decided, copies(pg_ledger).reread) == (1, 0)
+    assert [s.amount for s in first.reservation.slices] == [3]
+    # The rest of the promo lot first, then the paid grant: burn-down order on the copy too.
+    assert [s.amount for s in second.reservation.slices] == [2, 1]
+    assert (second.entry.sequence, second.entry.available_after) == (4, 99)
+    assert batcher(pg_ledger).counters.lost_compare_and_set == 0
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (99, 6)
+    # A replay of either key answers what was stored.
+    assert await reserve(pg_ledger, account, 3, "r2") == second
+
+
+async def test_a_copy_behind_another_replicas_grant_is_decided_again_on_what_is_stored(
+    pg_ledger: Ledger, replica: Ledger, accounts: Accounts
+) -> None:
+    """Here the copy says 2 are left; the other replica granted 10 more. The write on the copy
+    finds the wallet moved and writes nothing; the read path decides on 12."""
+    account = accounts("behind")
+    await fund(pg_ledger, account, 5)
+    await reserve(pg_ledger, account, 3, "r1")
+    await fund(replica, account, 10, "elsewhere")
+    result = await reserve(pg_ledger, account, 1, "r2")
+    assert (result.entry.sequence, result.entry.available_after) == (4, 11)
+    assert (copies(pg_ledger).decided, copies(pg_ledger).reread) == (1, 1)
+    # The copy's loss is counted as a reread, not as a retry on the locking path.
+    assert batcher(pg_ledger).counters.lost_compare_and_set == 0
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (11, 4)
+
+
+async def test_a_refusal_is_never_decided_on_a_copy(
+    pg_ledger: Ledger, replica: Ledger, accounts: Accounts
+) -> None:
+    """A refusal is stored for good under its key: on a copy that says 2 are left, a Reserve of
+    8 would be refused although the other replica's grant made 12. It goes to the read path."""
+    account = accounts("refusal")
+    await fund(pg_ledger, account, 5)
+    await reserve(pg_ledger, account, 3, "r1")
+    await fund(replica, account, 10, "elsewhere")
+    result = await reserve(pg_ledger, account, 8, "r2")
+    assert result.entry.available_after == 4
+    assert (copies(pg_ledger).decided, copies(pg_ledger).reread) == (1, 1)
+    # Nothing was written from the copy, not even the refusal's key.
+    assert batcher(pg_ledger).counters.lost_compare_and_set == 0
+    assert await reserve(pg_ledger, account, 8, "r2") == result
+
+
+async def test_an_account_locked_by_another_replica_refuses_although_the_copy_is_current(
+    pg_ledger: Ledger, replica: Ledger, accounts: Accounts
+) -> None:
+    """Locking an account does not move its wallets' sequences: the write on a copy checks the
+    status itself."""
+    account = accounts("locked")
+    await fund(pg_ledger, account, 10)
+    await reserve(pg_ledger, account, 1, "r1")
+    await replica.set_account_status(account, AccountStatus.LOCKED, "test", CALLER)
+    assert await outcome(pg_ledger, account, 1, "r2") == "ACCOUNT_LOCKED"
+    assert (copies(pg_ledger).decided, copies(pg_ledger).reread) == (1, 1)
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (9, 1)
+
+
+async def test_a_key_stored_by_another_replica_is_answered_from_what_it_stored(
+    pg_ledger: Ledger, replica: Ledger, accounts: Accounts
+) -> None:
+    """The other replica stored a refusal under `k` (the wallet did not move). Here `k` comes
+    again with another amount, which the copy would allow: the write fails whole on the key,
+    and the call gets the answer the key's first request fixed."""
+    account = accounts("replay")
+    await fund(pg_ledger, account, 10)
+    await reserve(pg_ledger, account, 1, "r1")
+    assert await outcome(replica, account, 100, "k") == "INSUFFICIENT_CREDITS"
+    with pytest.raises(IdempotencyKeyReused):
+        await reserve(pg_ledger, account, 1, "k")
+    assert (copies(pg_ledger).decided, copies(pg_ledger).reread) == (1, 1)
+    assert await outcome(pg_ledger, account, 100, "k") == "INSUFFICIENT_CREDITS"
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (9, 1)
+
+
+async def test_a_commit_batch_leaves_a_copy_the_next_reserve_decides_on(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    """Reserve → Commit → Reserve, the metered call's usual path: the Commit batch knows the
+    wallet as it left it (its lots, live or not), so the next Reserve needs no read either."""
+    account = accounts("commit")
+    await fund(pg_ledger, account, 10)
+    held = await reserve(pg_ledger, account, 4, "r1")
+    await pg_ledger.commit(CommitCommand(account, held.reservation.reservation_id, 1), CALLER)
+    assert resolver(pg_ledger).counters.batches == 1
+    result = await reserve(pg_ledger, account, 2, "r2")
+    assert (copies(pg_ledger).decided, copies(pg_ledger).reread) == (1, 0)
+    # 10 granted, 1 consumed, 3 of the hold returned: 9, then 2 reserved.
+    assert (result.entry.sequence, result.entry.available_after) == (4, 7)
+    balance = await pg_ledger.check(account, "default", consistent=True)
+    assert (balance.available, balance.reserved) == (7, 2)
+
+
+async def test_a_grant_here_drops_the_copy_it_makes_stale(
+    pg_ledger: Ledger, accounts: Accounts
+) -> None:
+    """AddCredits goes the one-call path, which keeps no copy: the copy it made stale goes, so
+    the next Reserve reads instead of writing on it and losing."""
+    account = accounts("grant")
+    await fund(pg_ledger, account, 10)
+    await reserve(pg_ledger, account, 4, "r1")
+    await fund(pg_ledger, account, 5, "more")
+    assert len(copies(pg_ledger)) == 0
+    result = await reserve(pg_ledger, account, 2, "r2")
+    assert copies(pg_ledger).decided == 0
+    assert batcher(pg_ledger).counters.lost_compare_and_set == 0
+    assert (result.entry.sequence, result.entry.available_after) == (4, 9)
+
+
+async def test_a_copy_says_nothing_past_a_grants_expiry(
+    pg_ledger: Ledger, clock: ManualClock, accounts: Accounts
+) -> None:
+    account = accounts("expiry")
+    soon = clock.now_us() + 1_000_000
+    await fund(pg_ledger, account, 10, "soon", priority=1, expires_at_us=soon)
+    await fund(pg_ledger, account, 10, "later", priority=5)
+    first = await reserve(pg_ledger, account, 1, "r1")
+    clock.advance_seconds(2)
+    second = await reserve(pg_ledger, account, 1, "r2")
+    assert copies(pg_ledger).decided == 0
+    assert first.reservation.slices[0].grant_id != second.reservation.slices[0].grant_id
+    assert second.entry.available_after == 9
+
+
+async def test_two_replicas_reserving_on_their_copies_of_the_same_wallets_spend_each_credit_once(
+    pg_ledger: Ledger, clock: ManualClock, accounts: Accounts
+) -> None:
+    """Both replicas keep copies of the same wallets and write on them at once, so copies fall
+    behind the other replica's writes again and again. Every credit is reserved at most once."""
+    other = Ledger(pg_ledger.engine, clock, LedgerSettings())
+    wallets = [accounts(f"both{i}") for i in range(3)]
+    for account in wallets:
+        await fund(pg_ledger, account, 100)
+    try:
+        for wave in range(6):
+            calls = [
+                outcome((pg_ledger, other)[n % 2], wallets[n % 3], 1 + n % 4, f"w{wave}-{n}")
+                for n in range(30)
+            ]
+            await asyncio.gather(*calls)
+    finally:
+        await other.close()
+    for account in wallets:
+        balance = await pg_ledger.check(account, "default", consistent=True)
+        assert balance.available + balance.reserved == 100, account
+        assert balance.available >= 0
+    both = [copies(pg_ledger), copies(other)]
+    assert sum(c.decided for c in both) >= 1
+    assert sum(c.reread for c in both) >= 1

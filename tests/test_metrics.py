@@ -151,6 +151,10 @@ async def test_rpc_latency_and_counts_are_served_by_method_and_code(
         assert after.value("credits_db_batch_connections", state="open") >= 1
         # Two lone calls on an idle server: neither batch waited to fill.
         assert after.value("credits_reserve_batch_fill_waits_total") == 0
+        # The second Reserve was decided on the copy the first left, and refused there: a
+        # refusal is decided again on a read.
+        assert after.value("credits_reserve_batch_copy_decisions_total") == 1
+        assert after.value("credits_reserve_batch_copy_rereads_total") == 1
         assert 0 <= after.value("credits_event_loop_cpu_share") < 1
         # Each call waited for its batch once, each batch was timed once, and every wait and
         # batch took some time, at most the last bucket's (10 s).

@@ -78,6 +78,7 @@ class CreditsApp:
                 hold_ttl_seconds_default=config.hold_ttl_seconds_default,
                 hold_ttl_seconds_max=config.hold_ttl_seconds_max,
                 batch_fill_wait_ms=config.batch_fill_wait_ms,
+                wallet_copies=config.wallet_copies,
             ),
             cache=self.cache,
             admission=self.rate_gate.admit,

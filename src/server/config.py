@@ -61,6 +61,8 @@ class ServerConfig:
     near_cache_ms: int = NEAR_SNAPSHOT_TTL_MS_DEFAULT
     # Postgres: how long a group-commit batch may wait to fill while the server is saturated.
     batch_fill_wait_ms: int = limits.BATCH_FILL_WAIT_MS_DEFAULT
+    # Postgres: wallets whose state the Reserve batches keep to skip their read (0: none).
+    wallet_copies: int = limits.WALLET_COPIES_DEFAULT
 
 
 def _env(name: str, default: str) -> str:
@@ -247,6 +249,16 @@ def parser() -> argparse.ArgumentParser:
         f"(CREDITS_BATCH_FILL_WAIT_MS, default {limits.BATCH_FILL_WAIT_MS_DEFAULT}, "
         f"0 to {limits.BATCH_FILL_WAIT_MS_MAX}; 0: never wait)",
     )
+    p.add_argument(
+        "--wallet-copies",
+        type=int,
+        default=int(_env("CREDITS_WALLET_COPIES", str(limits.WALLET_COPIES_DEFAULT))),
+        help="on Postgres, keep the state the Reserve batches wrote for this many wallets, so "
+        "the next Reserve on one of them skips a read (one round trip instead of two; the "
+        "write still checks the wallet did not move). About 0.5 KB each "
+        f"(CREDITS_WALLET_COPIES, default {limits.WALLET_COPIES_DEFAULT}, "
+        f"0 to {limits.WALLET_COPIES_MAX}; 0: keep none)",
+    )
     for name, variable in RATE_ENVIRONMENT_VARIABLES.items():
         default = getattr(RateLimitConfig(), name)
         p.add_argument(
@@ -294,6 +306,7 @@ def load(argv: list[str] | None = None) -> tuple[str, ServerConfig]:
         rate_limits=_rate_limits(args),
         near_cache_ms=args.near_cache_ms,
         batch_fill_wait_ms=args.batch_fill_wait_ms,
+        wallet_copies=args.wallet_copies,
     )
     if not 0 <= config.near_cache_ms <= NEAR_SNAPSHOT_TTL_MS_MAX:
         parser().error(f"--near-cache-ms must be between 0 and {NEAR_SNAPSHOT_TTL_MS_MAX}")
@@ -301,6 +314,8 @@ def load(argv: list[str] | None = None) -> tuple[str, ServerConfig]:
         parser().error(
             f"--batch-fill-wait-ms must be between 0 and {limits.BATCH_FILL_WAIT_MS_MAX}"
         )
+    if not 0 <= config.wallet_copies <= limits.WALLET_COPIES_MAX:
+        parser().error(f"--wallet-copies must be between 0 and {limits.WALLET_COPIES_MAX}")
     if not 1 <= config.redis_timeout_ms <= 5000:
         parser().error("--redis-timeout-ms must be between 1 and 5000")
     if not 0.05 <= config.sweep_interval_seconds <= 3600:

@@ -293,6 +293,19 @@ class _ReserveBatchCollector(Collector):
             "on the locking path (contention on a wallet from elsewhere)",
         )
         locking.add_metric((), counters.lost_compare_and_set)
+        copies = self._batcher.copies
+        copy_decisions = CounterMetricFamily(
+            "credits_reserve_batch_copy_decisions",
+            "Batches decided on this process's copies of their wallets, without reading them "
+            "(one round trip to Postgres instead of two)",
+        )
+        copy_decisions.add_metric((), copies.decided)
+        copy_rereads = CounterMetricFamily(
+            "credits_reserve_batch_copy_rereads",
+            "Of those, batches that read their wallets after all: a copy behind another "
+            "replica's write, a key stored already, or a refusal among the calls",
+        )
+        copy_rereads.add_metric((), copies.reread)
         filled = CounterMetricFamily(
             "credits_reserve_batch_fill_waits",
             "Batches that waited (up to --batch-fill-wait-ms) for calls to fill them because "
@@ -317,8 +330,8 @@ class _ReserveBatchCollector(Collector):
             "trips, rate check and decisions; a slow database shows here)",
         )
         _add_histogram(duration, (), self._batcher.batch_seconds)
-        return (batches, requests, failed, handed_back, locking, filled, loop_share, queued,
-                duration)  # fmt: skip
+        return (batches, requests, failed, handed_back, locking, copy_decisions, copy_rereads,
+                filled, loop_share, queued, duration)  # fmt: skip
 
 
 class _PoolCollector(Collector):

@@ -34,6 +34,7 @@ from store.clock import Clock
 from store.errors import LedgerError
 from store.histogram import Histogram
 from store.loop_load import LoopLoad
+from store.wallet_copies import WalletCopies, WalletCopy, WalletKey
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,19 @@ RequestT = TypeVar("RequestT")
 OutcomeT = TypeVar("OutcomeT")
 # A published snapshot: (account_id, credit_type, snapshot).
 Published = tuple[str, str, WalletSnapshot]
+
+
+@dataclass
+class Written:
+    """What a batch wrote, true once it commits: the wallet snapshots to publish, and the copies
+    of the wallets to decide the next Reserve batches on (store/wallet_copies.py)."""
+
+    published: list[Published] = field(default_factory=list)
+    copies: list[tuple[WalletKey, WalletCopy]] = field(default_factory=list)
+
+    def extend(self, other: Written) -> None:
+        self.published.extend(other.published)
+        self.copies.extend(other.copies)
 
 
 @dataclass(frozen=True)
@@ -89,11 +103,11 @@ class Settled(Generic[OutcomeT]):
     answers from what it committed and hands only the rest back."""
 
     outcomes: dict[int, OutcomeT] = field(default_factory=dict)
-    published: list[Published] = field(default_factory=list)
+    written: Written = field(default_factory=Written)
 
-    def add(self, outcomes: dict[int, OutcomeT], published: Sequence[Published]) -> None:
+    def add(self, outcomes: dict[int, OutcomeT], written: Written) -> None:
         self.outcomes.update(outcomes)
-        self.published.extend(published)
+        self.written.extend(written)
 
 
 @dataclass
@@ -120,6 +134,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         publish: Publish,
         *,
         admission: Admission | None = None,
+        copies: WalletCopies | None = None,
         batch_max: int = limits.BATCH_MAX,
         batches_in_flight_max: int = limits.BATCHES_IN_FLIGHT_MAX,
         fill_wait_seconds: float = limits.BATCH_FILL_WAIT_MS_DEFAULT / 1000,
@@ -128,6 +143,8 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         self.admission = admission
         self.clock = clock
         self.publish = publish
+        # The Reserve batches' copies of wallets, which every batch's writes refresh.
+        self.copies = copies if copies is not None else WalletCopies()
         self.batch_max = batch_max
         self.batches_in_flight_max = batches_in_flight_max
         self.counters = BatchCounters()
@@ -176,10 +193,11 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
     @abstractmethod
     async def decide(
         self, conn: Any, batch: list[Waiting[RequestT, OutcomeT]], decided: dict[int, OutcomeT]
-    ) -> list[Published]:
+    ) -> Written:
         """Runs inside the batch's transaction on a raw asyncpg connection: puts each call it
-        settles into `decided` (by arrival) and returns the wallet snapshots to publish after
-        COMMIT. A call whose future is already done has given up: leave no trace of it."""
+        settles into `decided` (by arrival) and returns the wallet snapshots to publish and the
+        copies to keep after COMMIT. A call whose future is already done has given up: leave
+        no trace of it."""
 
     def _start_batches(self) -> None:
         if self._recheck is not None:
@@ -283,11 +301,11 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         decided: dict[int, OutcomeT] = {}
         async with self.connections.transaction() as conn:
             batch = await self.admitted(batch, admitting)
-            published = await self.decide(conn, batch, decided) if batch else []
+            written = await self.decide(conn, batch, decided) if batch else Written()
             # Only COMMIT is left: the next batch may open its transaction while this one's
             # fsync runs (on a wallet this one locked, it waits for the COMMIT).
             self.leave_flight()
-        settled.add(decided, published)
+        settled.add(decided, written)
 
     async def admitted(
         self,
@@ -324,7 +342,9 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
             # answered, the others go one by one.
         self.leave_flight()  # a failed batch had not
         self.batch_seconds.observe(asyncio.get_running_loop().time() - started)
-        published = settled.published
+        published = settled.written.published
+        for key, copy in settled.written.copies:
+            self.copies.keep(key, copy)
         if published:
             self.publish.local(published)
             if self.publish.shared_first:

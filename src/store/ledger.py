@@ -71,6 +71,7 @@ from store.schema import (
     wallets,
 )
 from store.tx import Transactor
+from store.wallet_copies import WalletCopies
 
 
 def pending_guard() -> ColumnElement[bool]:
@@ -106,6 +107,8 @@ class LedgerSettings:
     batch_writes: bool = True
     # How long a batch may wait for more calls while the server is saturated (0: never).
     batch_fill_wait_ms: int = limits.BATCH_FILL_WAIT_MS_DEFAULT
+    # Wallets whose copies the Reserve batches keep to skip a read (0: none; wallet_copies.py).
+    wallet_copies: int = limits.WALLET_COPIES_DEFAULT
 
     def __post_init__(self) -> None:
         if (
@@ -125,6 +128,8 @@ class LedgerSettings:
             raise ValueError("hold TTL default must be between 1 s and the hold TTL max")
         if not 0 <= self.batch_fill_wait_ms <= limits.BATCH_FILL_WAIT_MS_MAX:
             raise ValueError(f"batch fill wait must be 0..{limits.BATCH_FILL_WAIT_MS_MAX} ms")
+        if not 0 <= self.wallet_copies <= limits.WALLET_COPIES_MAX:
+            raise ValueError(f"wallet copies must be 0..{limits.WALLET_COPIES_MAX}")
         if self.idempotency_retention_seconds < limits.IDEMPOTENCY_RETENTION_SECONDS_MIN:
             raise ValueError("idempotency keys must be kept at least 24 h (86400 s)")
 
@@ -165,6 +170,10 @@ class Ledger:
         # sees it, so callers without batching check their limits before calling the ledger.
         self.batch_connections = BatchConnections(engine) if batching else None
         self.reserve_batcher: ReserveBatcher | None = None
+        # The copies of the wallets the batches wrote, for the Reserve batches to decide on;
+        # every other write here drops the copies it makes stale (WalletCopies.published, from
+        # _publish and _publish_local).
+        self.wallet_copies = WalletCopies(self.settings.wallet_copies)
         self.resolve_batcher: ResolveBatcher | None = None
         if self.batch_connections is not None:
             publish = Publish(
@@ -175,10 +184,20 @@ class Ledger:
             pool = self.batch_connections
             fill_wait_seconds = self.settings.batch_fill_wait_ms / 1000
             self.reserve_batcher = ReserveBatcher(
-                pool, self.clock, publish, admission=admission, fill_wait_seconds=fill_wait_seconds
+                pool,
+                self.clock,
+                publish,
+                copies=self.wallet_copies,
+                admission=admission,
+                fill_wait_seconds=fill_wait_seconds,
             )
             self.resolve_batcher = ResolveBatcher(
-                pool, self.clock, publish, admission=admission, fill_wait_seconds=fill_wait_seconds
+                pool,
+                self.clock,
+                publish,
+                copies=self.wallet_copies,
+                admission=admission,
+                fill_wait_seconds=fill_wait_seconds,
             )
 
     async def close(self) -> None:
@@ -301,12 +320,16 @@ class Ledger:
         """Puts the snapshot the just-committed transaction computed into the cache: no extra
         read. Best effort, like every cache write."""
         written = _written_snapshot.get()
-        if self.cache is None or written is None:
+        if written is None:
+            return
+        self.wallet_copies.published([written])
+        if self.cache is None:
             return
         account_id, credit_type, snapshot = written
         await self.cache.put_wallet(account_id, credit_type, snapshot)
 
     def _publish_local(self, written: Sequence[Published]) -> None:
+        self.wallet_copies.published(written)
         if self.cache is not None:
             self.cache.put_wallets_local(written)
 

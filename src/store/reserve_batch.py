@@ -49,9 +49,9 @@ from store.batching import (
     RESERVATION_INSERT,
     AdmissionCall,
     Batcher,
-    Published,
     Settled,
     Waiting,
+    Written,
     columns,
 )
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
@@ -68,6 +68,7 @@ from store.model import (
     ReservationResult,
     ReserveCommand,
 )
+from store.wallet_copies import WalletCopy
 
 ReserveOutcome = ReservationResult | BusinessFailure
 
@@ -106,7 +107,8 @@ JOIN LATERAL (
 """
 
 # Commits on its own. `locked` takes each changed wallet that is still at the sequence read
-# ($3) and that no one holds; FOR UPDATE rechecks the sequence on the newest row version, and
+# ($3), whose account is not locked (a batch deciding on copies has not read the status) and
+# that no one holds; FOR UPDATE rechecks the sequence on the newest row version, and
 # SKIP LOCKED never waits, so the order of the locks does not matter. Everything else of a
 # wallet is written only if `w` returned it. Outcomes of wallets the batch did not change
 # (refusals only) need no lock: they were decided on a consistent snapshot. credits_assert
@@ -121,6 +123,8 @@ locked AS (
     CROSS JOIN LATERAL (
         SELECT account_id AS a, credit_type AS c FROM wallets
         WHERE account_id = d.a AND credit_type = d.c AND last_sequence = d.old
+          AND NOT EXISTS (
+              SELECT 1 FROM accounts WHERE account_id = d.a AND status = 'locked')
         FOR UPDATE SKIP LOCKED
     ) AS x
 ),
@@ -352,19 +356,21 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         settled: Settled[ReserveOutcome],
     ) -> None:
         requests = _first_per_key(batch)
-        wallet_keys = sorted(
-            {(r.request.cmd.account_id, r.request.cmd.credit_type) for r in requests}
-        )
         async with self.connections.generic() as conn:
-            # The read runs beside the rate check; both are needed before deciding.
-            state = await conn.fetch(
-                _SNAPSHOT_SQL,
-                [a for a, _ in wallet_keys],
-                [c for _, c in wallet_keys],
-                [r.request.cmd.account_id for r in requests],
-                [r.request.cmd.idempotency_key for r in requests],
-            )
-            admitted = {waiting.arrival for waiting in await self.admitted(batch, admitting)}
+            copies = self.copies.take(_wallet_keys(requests), self.clock.now_us())
+            if copies is None:
+                # The read runs beside the rate check; both are needed before deciding.
+                state = await _read_snapshot(conn, requests)
+                admitted = {w.arrival for w in await self.admitted(batch, admitting)}
+            else:
+                admitted = {w.arrival for w in await self.admitted(batch, admitting)}
+                requests = await self._write_from_copies(
+                    conn, [r for r in requests if r.arrival in admitted], copies, settled
+                )
+                if not requests:
+                    self.leave_flight()
+                    return
+                state = await _read_snapshot(conn, requests)
             # The decision instant: after the read, whose snapshot it decides on.
             now_us = self.clock.now_us()
             wallets, stored = _load_snapshot(state, now_us)
@@ -388,13 +394,51 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         # holds a connection, and at most batches_in_flight_max do.
         decided: dict[int, ReserveOutcome] = {}
         async with self.connections.transaction() as conn:
-            published = await self._decide_and_write(conn, lost, decided)
+            written = await self._decide_and_write(conn, lost, decided)
             self.leave_flight()
-        settled.add(decided, published)
+        settled.add(decided, written)
+
+    async def _write_from_copies(
+        self,
+        conn: Any,
+        requests: list[_Request],
+        copies: dict[tuple[str, str], WalletCopy],
+        settled: Settled[ReserveOutcome],
+    ) -> list[_Request]:
+        """Decides `requests` on this process's copies of their wallets and writes them like a
+        batch that read (one round trip instead of two); adds what it committed to `settled`
+        and returns the requests it did not settle, for the read path. Only a batch in which
+        every call succeeds is written: a refusal stored for good must be decided on what
+        the database holds, not on a copy."""
+        now_us = self.clock.now_us()
+        if any(now_us >= copy.valid_until_us for copy in copies.values()):
+            return requests
+        wallets = {
+            key: _Wallet(
+                copy.last_sequence,
+                copy.reserved,
+                AccountStatus.ACTIVE,
+                {lot.grant_id: lot for lot in copy.lots},
+                copy.valid_until_us,
+            )
+            for key, copy in copies.items()
+        }
+        try:
+            lost = await self._decide_and_write_guarded(
+                conn, requests, wallets, now_us, settled, from_copies=True
+            )
+        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+            # A key stored already (a replay, unseen without the read), or a lock cycle with
+            # another transaction: the statement wrote nothing.
+            lost = requests
+        self.copies.decided += 1
+        if lost:
+            self.copies.reread += 1
+        return lost
 
     async def decide(
         self, conn: Any, batch: list[_Request], decided: dict[int, ReserveOutcome]
-    ) -> list[Published]:
+    ) -> Written:
         """The locking path alone, for a whole batch (settle uses it for what it could not
         write without locks)."""
         return await self._decide_and_write(conn, _first_per_key(batch), decided)
@@ -406,18 +450,26 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         wallets: dict[tuple[str, str], _Wallet],
         now_us: int,
         settled: Settled[ReserveOutcome],
+        *,
+        from_copies: bool = False,
     ) -> list[_Request]:
-        """Decides `requests` on the snapshot read and writes them in one statement that
-        commits; adds what it committed to `settled` and returns the requests of the wallets
-        that moved or were held since the read (nothing of theirs was written)."""
+        """Decides `requests` on the snapshot read (or on copies) and writes them in one
+        statement that commits; adds what it committed to `settled` and returns the requests of
+        the wallets that moved or were held since the read (nothing of theirs was written).
+        `from_copies`: a refusal among the decisions leaves everything unwritten and returned
+        (a refusal is stored for good, so it is decided on what the database holds)."""
         writes = _Writes()
         decided = _decide_in_order(requests, wallets, now_us, writes, claimed=False)
+        if from_copies and not all(
+            isinstance(outcome, ReservationResult) for outcome in decided.values()
+        ):
+            return requests
         if not writes.outcomes:
             return []
         changed = _changed(wallets)
         written = await _write_guarded(conn, now_us, writes, changed)
         lost_wallets = changed.keys() - written
-        if lost_wallets:
+        if lost_wallets and not from_copies:  # those go to the read path, counted there
             self.counters.lost_compare_and_set += 1
         lost = []
         for request in requests:
@@ -425,17 +477,15 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
             if (cmd.account_id, cmd.credit_type) in lost_wallets:
                 decided.pop(request.arrival, None)
                 lost.append(request)
-        settled.add(decided, _snapshots({k: changed[k] for k in written}, now_us))
+        settled.add(decided, _written({k: changed[k] for k in written}, now_us))
         return lost
 
     async def _decide_and_write(
         self, conn: Any, requests: list[_Request], decided: dict[int, ReserveOutcome]
-    ) -> list[Published]:
+    ) -> Written:
         # One lock order for keys across batches and replicas: sorted.
         requests.sort(key=lambda r: (r.request.cmd.account_id, r.request.cmd.idempotency_key))
-        wallet_keys = sorted(
-            {(r.request.cmd.account_id, r.request.cmd.credit_type) for r in requests}
-        )
+        wallet_keys = _wallet_keys(requests)
         accounts_col = [a for a, _ in wallet_keys]
         types_col = [c for _, c in wallet_keys]
         claimed: set[tuple[str, str]] = set()
@@ -459,7 +509,7 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
             if (r.request.cmd.account_id, r.request.cmd.idempotency_key) in claimed
         ]
         if not mine:
-            return []
+            return Written()
         # The decision instant: after the locks, as on the one-call path.
         now_us = self.clock.now_us()
         wallets = _load_wallets(
@@ -470,7 +520,24 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
         changed = _changed(wallets)
         wallet_rows = [(a, c, w.last_sequence, w.reserved) for (a, c), w in changed.items()]
         await _write(conn, now_us, writes, wallet_rows)
-        return _snapshots(changed, now_us)
+        return _written(changed, now_us)
+
+
+def _wallet_keys(requests: list[_Request]) -> list[tuple[str, str]]:
+    return sorted({(r.request.cmd.account_id, r.request.cmd.credit_type) for r in requests})
+
+
+async def _read_snapshot(conn: Any, requests: list[_Request]) -> Sequence[Any]:
+    """_SNAPSHOT_SQL for the wallets and keys of `requests`."""
+    wallet_keys = _wallet_keys(requests)
+    rows: Sequence[Any] = await conn.fetch(
+        _SNAPSHOT_SQL,
+        [a for a, _ in wallet_keys],
+        [c for _, c in wallet_keys],
+        [r.request.cmd.account_id for r in requests],
+        [r.request.cmd.idempotency_key for r in requests],
+    )
+    return rows
 
 
 def _decide_in_order(
@@ -505,8 +572,16 @@ def _changed(wallets: dict[tuple[str, str], _Wallet]) -> dict[tuple[str, str], _
     return changed
 
 
-def _snapshots(wallets: dict[tuple[str, str], _Wallet], now_us: int) -> list[Published]:
-    return [(a, c, _snapshot(wallet, now_us)) for (a, c), wallet in wallets.items()]
+def _written(wallets: dict[tuple[str, str], _Wallet], now_us: int) -> Written:
+    """The snapshots and copies of wallets a batch changed, to publish and keep once they are
+    committed."""
+    return Written(
+        [(a, c, _snapshot(wallet, now_us)) for (a, c), wallet in wallets.items()],
+        [
+            (key, WalletCopy(w.last_sequence, w.reserved, w.next_change_us, list(w.lots.values())))
+            for key, w in wallets.items()
+        ],
+    )
 
 
 def _first_per_key(batch: list[_Request]) -> list[_Request]:

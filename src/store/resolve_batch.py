@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from store import codec
-from store.batching import JOURNAL_INSERT, AdmissionCall, Batcher, Published, Waiting, columns
+from store.batching import JOURNAL_INSERT, AdmissionCall, Batcher, Waiting, Written, columns
 from store.burndown import Lot, consume, is_live, next_liveness_change_us
 from store.cache import WalletSnapshot
 from store.model import (
@@ -33,6 +33,7 @@ from store.model import (
     Slice,
 )
 from store.rows import reservation_from_row
+from store.wallet_copies import copy_of
 
 Resolution = Literal["commit", "release"]
 
@@ -167,7 +168,7 @@ class ResolveBatcher(Batcher[ResolveCall, ReservationResult]):
 
     async def decide(
         self, conn: Any, batch: list[_Call], decided: dict[int, ReservationResult]
-    ) -> list[Published]:
+    ) -> Written:
         # One call per reservation: the first decides, any other goes the one-call path.
         unique: dict[tuple[str, str], _Call] = {}
         for waiting in batch:
@@ -177,7 +178,7 @@ class ResolveBatcher(Batcher[ResolveCall, ReservationResult]):
         asked = ([c.request.account_id for c in calls], [c.request.reservation_id for c in calls])
         locked = {(r[0], r[1]): (r[2], r[3]) for r in await conn.fetch(_LOCK_SQL, *asked)}
         if not locked:
-            return []
+            return Written()
         now_us = self.clock.now_us()  # the decision instant: after the locks
         found = _reservations(await conn.fetch(_RESERVATIONS_SQL, *asked))
         wallet_keys = sorted(locked)
@@ -200,16 +201,25 @@ class ResolveBatcher(Batcher[ResolveCall, ReservationResult]):
             decided[waiting.arrival] = _settle(
                 call, reservation_row, slice_lots, wallet, now_us, writes
             )
-        published: list[Published] = []
+        written = Written()
         wallet_rows: list[tuple[str, str, int, int]] = []
         for (account_id, credit_type), wallet in wallets.items():
             if wallet.changed:
                 assert wallet.reserved >= 0, f"wallet {account_id}/{credit_type} reserved < 0"
                 wallet_rows.append((account_id, credit_type, wallet.last_sequence, wallet.reserved))
-                published.append((account_id, credit_type, _snapshot(wallet, now_us)))
+                written.published.append((account_id, credit_type, _snapshot(wallet, now_us)))
+                # The next Reserve batch on this wallet here decides on it without a read.
+                written.copies.append(
+                    (
+                        (account_id, credit_type),
+                        copy_of(
+                            wallet.last_sequence, wallet.reserved, wallet.lots.values(), now_us
+                        ),
+                    )
+                )
         if wallet_rows:
             await _write(conn, now_us, writes, wallet_rows)
-        return published
+        return written
 
 
 def _reservations(rows: Sequence[Any]) -> dict[tuple[str, str], tuple[Any, list[Lot]]]:
