@@ -7,8 +7,14 @@ size, neither of them inside an open transaction:
    reserved total), their grants, the accounts' status, and which of the keys are taken;
 2. one statement that writes every decision and commits on its own. It locks each wallet it
    changes only if the wallet is still at the sequence the read saw (compare and set) and no
-   other transaction holds it (SKIP LOCKED), and writes that wallet's grants, reservations,
-   journal entries and stored outcomes only if it got the lock.
+   other transaction holds it (SKIP LOCKED) and its account is not locked, and writes that
+   wallet's grants, reservations, journal entries and stored outcomes only if it got the lock.
+
+When this process's batches wrote every wallet of the batch last, the read is skipped: the batch
+decides on the copies they left (store/wallet_copies.py) and goes straight to the write, whose
+compare and set checks them. Only a batch of successes is written that way (a refusal is stored
+for good, so it is decided on a read); a copy that lost, a key stored already or a refusal sends
+the batch to the read after all.
 
 The compare and set is sound because every change to a wallet's grants advances the wallet's
 sequence in the same transaction (every change writes a journal entry, ledger.py `_journal`
