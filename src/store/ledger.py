@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import ColumnElement, and_, bindparam, func, insert, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from store import codec, idempotency, limits, rows, validation
 from store.batch_pool import BatchConnections
-from store.batching import Admission, Publish, Published
+from store.batching import Admission, Batcher, Publish, Published
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, consume
 from store.cache import AccountSnapshot, BalanceCache, WalletSnapshot
 from store.clock import Clock, SystemClock
@@ -142,6 +142,7 @@ _written_snapshot: ContextVar[tuple[str, str, WalletSnapshot] | None] = ContextV
 Resolution = Literal["commit", "release", "expire"]
 T = TypeVar("T")
 R = TypeVar("R", GrantResult, ReservationResult, ClawBackResult)
+BatcherT = TypeVar("BatcherT", bound=Batcher[Any, Any])
 
 
 def _finish(outcome: T | LedgerError) -> T:
@@ -183,22 +184,19 @@ class Ledger:
             )
             pool = self.batch_connections
             fill_wait_seconds = self.settings.batch_fill_wait_ms / 1000
-            self.reserve_batcher = ReserveBatcher(
-                pool,
-                self.clock,
-                publish,
-                copies=self.wallet_copies,
-                admission=admission,
-                fill_wait_seconds=fill_wait_seconds,
-            )
-            self.resolve_batcher = ResolveBatcher(
-                pool,
-                self.clock,
-                publish,
-                copies=self.wallet_copies,
-                admission=admission,
-                fill_wait_seconds=fill_wait_seconds,
-            )
+
+            def batcher(kind: type[BatcherT]) -> BatcherT:
+                return kind(
+                    pool,
+                    self.clock,
+                    publish,
+                    copies=self.wallet_copies,
+                    admission=admission,
+                    fill_wait_seconds=fill_wait_seconds,
+                )
+
+            self.reserve_batcher = batcher(ReserveBatcher)
+            self.resolve_batcher = batcher(ResolveBatcher)
 
     async def close(self) -> None:
         """Lets the batches in flight finish (their callers are waiting), then closes their
