@@ -342,6 +342,33 @@ async def test_the_batch_fill_wait_flag_reaches_the_batchers_and_is_bounded(
     assert ledger.reserve_batcher.fill_wait_seconds == 0.012
 
 
+async def test_the_wallet_copies_flag_reaches_the_batchers_and_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, start_server: Any, postgres_url: str, accounts: Accounts
+) -> None:
+    monkeypatch.delenv("CREDITS_WALLET_COPIES", raising=False)
+    _, config = server_config.load([])
+    assert config.wallet_copies == limits.WALLET_COPIES_DEFAULT
+    monkeypatch.setenv("CREDITS_WALLET_COPIES", "0")
+    _, config = server_config.load([])
+    assert config.wallet_copies == 0
+    for bad in ("-1", str(limits.WALLET_COPIES_MAX + 1)):
+        with pytest.raises(SystemExit):
+            server_config.load(["--wallet-copies", bad])
+
+    # 0: a wallet written by a batch leaves no copy, and the next Reserve reads it.
+    server = await start_server(postgres_url, wallet_copies=0)
+    ledger = server.app.ledger
+    assert ledger.reserve_batcher is not None and ledger.resolve_batcher is not None
+    assert ledger.reserve_batcher.copies is ledger.resolve_batcher.copies is ledger.wallet_copies
+    account = accounts("nocopy")
+    await server.stub.AddCredits(grant(account, 100, "buy"))
+    for key in ("r1", "r2"):
+        await server.stub.Reserve(
+            pb.ReserveRequest(account_id=account, amount=1, idempotency_key=key)
+        )
+    assert len(ledger.wallet_copies) == 0 and ledger.wallet_copies.decided == 0
+
+
 # ---- tracing ------------------------------------------------------------------------------------
 
 

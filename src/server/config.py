@@ -253,7 +253,8 @@ def parser() -> argparse.ArgumentParser:
         "--wallet-copies",
         type=int,
         default=int(_env("CREDITS_WALLET_COPIES", str(limits.WALLET_COPIES_DEFAULT))),
-        help="on Postgres, keep the state the Reserve batches wrote for this many wallets, so "
+        help="on Postgres, keep the state the batches (Reserve, Commit, Release) last wrote for "
+        "this many wallets, so "
         "the next Reserve on one of them skips a read (one round trip instead of two; the "
         "write still checks the wallet did not move). About 0.5 KB each "
         f"(CREDITS_WALLET_COPIES, default {limits.WALLET_COPIES_DEFAULT}, "

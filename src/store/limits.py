@@ -102,8 +102,9 @@ LOOP_LOAD_WINDOW_SECONDS: Final = 0.01
 # path. Generic plans: a Reserve batch's read and write (it holds no other meanwhile).
 BATCH_CONNECTIONS_MAX: Final = 2 * BATCHES_IN_FLIGHT_MAX
 BATCH_GENERIC_CONNECTIONS_MAX: Final = BATCHES_IN_FLIGHT_MAX
-# Wallets whose last Reserve batch's state this process keeps, to decide the next batch on them
-# without reading them (store/wallet_copies.py, --wallet-copies): about 0.5 KB each.
+# Wallets whose state, as the batches last wrote it, this process keeps, to decide the next
+# Reserve batch on them without reading them (store/wallet_copies.py, --wallet-copies): about
+# 0.5 KB each.
 WALLET_COPIES_DEFAULT: Final = 20_000
 WALLET_COPIES_MAX: Final = 1_000_000
 
