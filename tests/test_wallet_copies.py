@@ -80,3 +80,7 @@ def test_a_copy_holds_the_live_lots_until_the_next_one_takes_effect_or_expires()
     gone = Lot("gone", 1, 0, 50, 10)  # expired, not yet swept
     made = copy_of(7, 2, [live, later, gone], now_us=100)
     assert made == WalletCopy(7, 2, 300, [live])
+    # What the batch publishes of the same state: the live lots' credits, valid as long.
+    assert made.snapshot(as_of_us=100) == WalletSnapshot(
+        version=7, available=10, reserved=2, valid_until_us=300, as_of_us=100
+    )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +51,12 @@ class Written:
 
     published: list[Published] = field(default_factory=list)
     copies: list[tuple[WalletKey, WalletCopy]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, copies: Iterable[tuple[WalletKey, WalletCopy]], now_us: int) -> Written:
+        """What a batch that left these wallets so, decided at `now_us`, wrote."""
+        kept = list(copies)
+        return cls([(a, c, copy.snapshot(now_us)) for (a, c), copy in kept], kept)
 
     def extend(self, other: Written) -> None:
         self.published.extend(other.published)

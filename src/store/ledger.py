@@ -107,7 +107,8 @@ class LedgerSettings:
     batch_writes: bool = True
     # How long a batch may wait for more calls while the server is saturated (0: never).
     batch_fill_wait_ms: int = limits.BATCH_FILL_WAIT_MS_DEFAULT
-    # Wallets whose copies the Reserve batches keep to skip a read (0: none; wallet_copies.py).
+    # Wallets whose copies the batches keep for Reserve batches to skip a read (0: none;
+    # wallet_copies.py).
     wallet_copies: int = limits.WALLET_COPIES_DEFAULT
 
     def __post_init__(self) -> None:

@@ -61,7 +61,6 @@ from store.batching import (
     columns,
 )
 from store.burndown import NO_SCHEDULED_CHANGE_US, Lot, allocate, is_live, next_liveness_change_us
-from store.cache import WalletSnapshot
 from store.errors import AccountLocked, BusinessFailure, InsufficientCredits
 from store.ids import new_id
 from store.model import (
@@ -579,14 +578,15 @@ def _changed(wallets: dict[tuple[str, str], _Wallet]) -> dict[tuple[str, str], _
 
 
 def _written(wallets: dict[tuple[str, str], _Wallet], now_us: int) -> Written:
-    """The snapshots and copies of wallets a batch changed, to publish and keep once they are
-    committed."""
-    return Written(
-        [(a, c, _snapshot(wallet, now_us)) for (a, c), wallet in wallets.items()],
-        [
+    """The copies and snapshots of wallets a batch changed, to keep and publish once they are
+    committed. Their validity is the read's, conservative as on the one-call path: reserving can
+    only make an expiry irrelevant."""
+    return Written.of(
+        (
             (key, WalletCopy(w.last_sequence, w.reserved, w.next_change_us, list(w.lots.values())))
             for key, w in wallets.items()
-        ],
+        ),
+        now_us,
     )
 
 
@@ -755,17 +755,6 @@ async def _write_guarded(
     # but what is stored (its calls then replay their stored outcomes one by one).
     assert tuple(row[3:]) == expected, f"reserve batch wrote {tuple(row[3:])}, meant {expected}"
     return written
-
-
-def _snapshot(wallet: _Wallet, now_us: int) -> WalletSnapshot:
-    return WalletSnapshot(
-        version=wallet.last_sequence,
-        available=sum(lot.amount for lot in wallet.lots.values()),
-        reserved=wallet.reserved,
-        # Conservative, as on the one-call path: reserving can only make an expiry irrelevant.
-        valid_until_us=wallet.next_change_us,
-        as_of_us=now_us,
-    )
 
 
 async def _write(

@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 from store import codec
 from store.batching import JOURNAL_INSERT, AdmissionCall, Batcher, Waiting, Written, columns
-from store.burndown import Lot, consume, is_live, next_liveness_change_us
-from store.cache import WalletSnapshot
+from store.burndown import Lot, consume, is_live
 from store.model import (
     Caller,
     EntryKind,
@@ -33,7 +32,7 @@ from store.model import (
     Slice,
 )
 from store.rows import reservation_from_row
-from store.wallet_copies import copy_of
+from store.wallet_copies import WalletCopy, copy_of
 
 Resolution = Literal["commit", "release"]
 
@@ -201,25 +200,18 @@ class ResolveBatcher(Batcher[ResolveCall, ReservationResult]):
             decided[waiting.arrival] = _settle(
                 call, reservation_row, slice_lots, wallet, now_us, writes
             )
-        written = Written()
         wallet_rows: list[tuple[str, str, int, int]] = []
+        # Published, and kept for the next Reserve batch on the wallet here to decide on.
+        copies: list[tuple[tuple[str, str], WalletCopy]] = []
         for (account_id, credit_type), wallet in wallets.items():
             if wallet.changed:
                 assert wallet.reserved >= 0, f"wallet {account_id}/{credit_type} reserved < 0"
                 wallet_rows.append((account_id, credit_type, wallet.last_sequence, wallet.reserved))
-                written.published.append((account_id, credit_type, _snapshot(wallet, now_us)))
-                # The next Reserve batch on this wallet here decides on it without a read.
-                written.copies.append(
-                    (
-                        (account_id, credit_type),
-                        copy_of(
-                            wallet.last_sequence, wallet.reserved, wallet.lots.values(), now_us
-                        ),
-                    )
-                )
+                copy = copy_of(wallet.last_sequence, wallet.reserved, wallet.lots.values(), now_us)
+                copies.append(((account_id, credit_type), copy))
         if wallet_rows:
             await _write(conn, now_us, writes, wallet_rows)
-        return written
+        return Written.of(copies, now_us)
 
 
 def _reservations(rows: Sequence[Any]) -> dict[tuple[str, str], tuple[Any, list[Lot]]]:
@@ -361,16 +353,6 @@ def _available(wallet: _Wallet, now_us: int) -> int:
         lot.amount
         for lot in wallet.lots.values()
         if is_live(lot.effective_at_us, lot.expires_at_us, now_us)
-    )
-
-
-def _snapshot(wallet: _Wallet, now_us: int) -> WalletSnapshot:
-    return WalletSnapshot(
-        version=wallet.last_sequence,
-        available=_available(wallet, now_us),
-        reserved=wallet.reserved,
-        valid_until_us=next_liveness_change_us(wallet.lots.values(), now_us),
-        as_of_us=now_us,
     )
 
 

@@ -1,8 +1,9 @@
-"""This process's copy of each wallet as its last Reserve batch committed it (lever 21).
+"""This process's copy of each wallet as its last Reserve, Commit or Release batch committed it
+(lever 21).
 
 A Reserve batch needs each wallet's sequence, reserved total and live grants before it decides.
-Reading them is one of a batch's two round trips. When this process wrote the wallet last, it
-already knows them: the batch's own decisions left them in memory. A batch whose wallets all
+Reading them is one of a batch's two round trips. When this process's batches wrote the wallet
+last, it already knows them: those batches' decisions left them in memory. A batch whose wallets all
 have a copy here decides on the copies and goes straight to its compare-and-set write, one
 round trip instead of two.
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from store import limits
 from store.burndown import Lot, is_live, next_liveness_change_us
+from store.cache import WalletSnapshot
 
 if TYPE_CHECKING:
     from store.batching import Published
@@ -47,6 +49,16 @@ class WalletCopy:
     # (burndown.next_liveness_change_us): after it the copy says nothing.
     valid_until_us: int
     lots: Sequence[Lot]
+
+    def snapshot(self, as_of_us: int) -> WalletSnapshot:
+        """The balance cache's snapshot of the same state."""
+        return WalletSnapshot(
+            version=self.last_sequence,
+            available=sum(lot.amount for lot in self.lots),
+            reserved=self.reserved,
+            valid_until_us=self.valid_until_us,
+            as_of_us=as_of_us,
+        )
 
 
 def copy_of(last_sequence: int, reserved: int, lots: Iterable[Lot], now_us: int) -> WalletCopy:
@@ -120,7 +132,3 @@ class WalletCopies:
             entry = copies.get(key)
             if entry is not None and entry[0] < snapshot.version:
                 del copies[key]
-
-    def forget(self, keys: Iterable[WalletKey]) -> None:
-        for key in keys:
-            self._copies.pop(key, None)
