@@ -322,19 +322,32 @@ def test_metrics_and_tracing_flags_default_off_and_refuse_a_bad_address(
         server_config.load(["--metrics-listen", "9464"])
 
 
+def assert_flag_read_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, flag: str, variable: str, field: str, default: int, top: int
+) -> None:
+    """`flag` defaults to `default`, takes 0 from `variable`, and refuses -1 and `top` + 1."""
+    monkeypatch.delenv(variable, raising=False)
+    _, config = server_config.load([])
+    assert getattr(config, field) == default
+    monkeypatch.setenv(variable, "0")
+    _, config = server_config.load([])
+    assert getattr(config, field) == 0
+    for bad in ("-1", str(top + 1)):
+        with pytest.raises(SystemExit):
+            server_config.load([flag, bad])
+
+
 async def test_the_batch_fill_wait_flag_reaches_the_batchers_and_is_bounded(
     monkeypatch: pytest.MonkeyPatch, start_server: Any, postgres_url: str
 ) -> None:
-    monkeypatch.delenv("CREDITS_BATCH_FILL_WAIT_MS", raising=False)
-    _, config = server_config.load([])
-    assert config.batch_fill_wait_ms == limits.BATCH_FILL_WAIT_MS_DEFAULT
-    monkeypatch.setenv("CREDITS_BATCH_FILL_WAIT_MS", "0")
-    _, config = server_config.load([])
-    assert config.batch_fill_wait_ms == 0
-    for bad in ("-1", str(limits.BATCH_FILL_WAIT_MS_MAX + 1)):
-        with pytest.raises(SystemExit):
-            server_config.load(["--batch-fill-wait-ms", bad])
-
+    assert_flag_read_and_bounded(
+        monkeypatch,
+        "--batch-fill-wait-ms",
+        "CREDITS_BATCH_FILL_WAIT_MS",
+        "batch_fill_wait_ms",
+        limits.BATCH_FILL_WAIT_MS_DEFAULT,
+        limits.BATCH_FILL_WAIT_MS_MAX,
+    )
     server = await start_server(postgres_url, batch_fill_wait_ms=12)
     ledger = server.app.ledger
     assert ledger.reserve_batcher is not None and ledger.resolve_batcher is not None
@@ -345,15 +358,14 @@ async def test_the_batch_fill_wait_flag_reaches_the_batchers_and_is_bounded(
 async def test_the_wallet_copies_flag_reaches_the_batchers_and_is_bounded(
     monkeypatch: pytest.MonkeyPatch, start_server: Any, postgres_url: str, accounts: Accounts
 ) -> None:
-    monkeypatch.delenv("CREDITS_WALLET_COPIES", raising=False)
-    _, config = server_config.load([])
-    assert config.wallet_copies == limits.WALLET_COPIES_DEFAULT
-    monkeypatch.setenv("CREDITS_WALLET_COPIES", "0")
-    _, config = server_config.load([])
-    assert config.wallet_copies == 0
-    for bad in ("-1", str(limits.WALLET_COPIES_MAX + 1)):
-        with pytest.raises(SystemExit):
-            server_config.load(["--wallet-copies", bad])
+    assert_flag_read_and_bounded(
+        monkeypatch,
+        "--wallet-copies",
+        "CREDITS_WALLET_COPIES",
+        "wallet_copies",
+        limits.WALLET_COPIES_DEFAULT,
+        limits.WALLET_COPIES_MAX,
+    )
 
     # 0: a wallet written by a batch leaves no copy, and the next Reserve reads it.
     server = await start_server(postgres_url, wallet_copies=0)

@@ -61,7 +61,8 @@ class ServerConfig:
     near_cache_ms: int = NEAR_SNAPSHOT_TTL_MS_DEFAULT
     # Postgres: how long a group-commit batch may wait to fill while the server is saturated.
     batch_fill_wait_ms: int = limits.BATCH_FILL_WAIT_MS_DEFAULT
-    # Postgres: wallets whose state the Reserve batches keep to skip their read (0: none).
+    # Postgres: wallets whose state, as the batches wrote it, is kept so that the next Reserve
+    # batch on them skips its read (0: none).
     wallet_copies: int = limits.WALLET_COPIES_DEFAULT
 
 
@@ -254,9 +255,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("CREDITS_WALLET_COPIES", str(limits.WALLET_COPIES_DEFAULT))),
         help="on Postgres, keep the state the batches (Reserve, Commit, Release) last wrote for "
-        "this many wallets, so "
-        "the next Reserve on one of them skips a read (one round trip instead of two; the "
-        "write still checks the wallet did not move). About 0.5 KB each "
+        "this many wallets, so the next Reserve on one of them skips a read (one round trip "
+        "instead of two; the write still checks the wallet did not move). About 0.5 KB each "
         f"(CREDITS_WALLET_COPIES, default {limits.WALLET_COPIES_DEFAULT}, "
         f"0 to {limits.WALLET_COPIES_MAX}; 0: keep none)",
     )
