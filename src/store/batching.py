@@ -102,6 +102,39 @@ class Waiting(Generic[RequestT, OutcomeT]):
     queued_at: float = 0.0
 
 
+class Admitting(Generic[RequestT, OutcomeT]):
+    """A batch's rate check, run once: in a task of its own beside the batch's first round trip
+    to Postgres when the batch has one to overlap (`start`), else in the batch's own task when
+    the batch asks for the result (a task there would only add two trips round the event loop
+    before the batch's write)."""
+
+    def __init__(
+        self,
+        admit: Callable[
+            [list[Waiting[RequestT, OutcomeT]]], Awaitable[list[Waiting[RequestT, OutcomeT]]]
+        ],
+        batch: list[Waiting[RequestT, OutcomeT]],
+    ) -> None:
+        self._admit = admit
+        self._batch = batch
+        self._task: asyncio.Future[list[Waiting[RequestT, OutcomeT]]] | None = None
+        self._admitted: list[Waiting[RequestT, OutcomeT]] | None = None
+
+    def start(self) -> None:
+        """Runs the check beside whatever the batch awaits next."""
+        if self._task is None and self._admitted is None:
+            self._task = asyncio.ensure_future(self._admit(self._batch))
+
+    async def result(self) -> list[Waiting[RequestT, OutcomeT]]:
+        """The calls the check let through (it answered the others); checks once, however
+        often asked (the batch asks, and its failure path asks again)."""
+        if self._task is not None:
+            return await self._task
+        if self._admitted is None:
+            self._admitted = await self._admit(self._batch)
+        return self._admitted
+
+
 @dataclass
 class Settled(Generic[OutcomeT]):
     """What a batch has committed: each settled call's outcome (by arrival) and the wallet
@@ -296,7 +329,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
     async def settle(
         self,
         batch: list[Waiting[RequestT, OutcomeT]],
-        admitting: asyncio.Future[list[Waiting[RequestT, OutcomeT]]] | None,
+        admitting: Admitting[RequestT, OutcomeT] | None,
         settled: Settled[OutcomeT],
     ) -> None:
         """Runs the batch: decides the calls `admitting` lets through (all when it is None),
@@ -305,6 +338,8 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
 
         By default one transaction: BEGIN while the rate check runs, `decide`, COMMIT."""
         decided: dict[int, OutcomeT] = {}
+        if admitting is not None:
+            admitting.start()
         async with self.connections.transaction() as conn:
             batch = await self.admitted(batch, admitting)
             written = await self.decide(conn, batch, decided) if batch else Written()
@@ -316,19 +351,20 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
     async def admitted(
         self,
         batch: list[Waiting[RequestT, OutcomeT]],
-        admitting: asyncio.Future[list[Waiting[RequestT, OutcomeT]]] | None,
+        admitting: Admitting[RequestT, OutcomeT] | None,
     ) -> list[Waiting[RequestT, OutcomeT]]:
         """The calls of `batch` that the rate check let through (it answered the others)."""
         if admitting is not None:
-            batch = await admitting
+            batch = await admitting.result()
         if batch:
             self._count(batch)
         return batch
 
     async def _run(self, batch: list[Waiting[RequestT, OutcomeT]], started: float) -> None:
         # The rate check (a Redis round trip) runs beside the batch's first round trip to
-        # Postgres: a lone call waits for the slower of them, not for both.
-        admitting = asyncio.ensure_future(self._admit(batch)) if self.admission else None
+        # Postgres where it has one to overlap (settle starts it): a lone call then waits for
+        # the slower of them, not for both.
+        admitting = Admitting(self._admit, batch) if self.admission else None
         settled: Settled[OutcomeT] = Settled()
         try:
             async with asyncio.timeout(limits.BATCH_TIMEOUT_SECONDS):
@@ -336,7 +372,7 @@ class Batcher(ABC, Generic[RequestT, OutcomeT]):
         except Exception:
             if admitting is not None:
                 # Refusals hold on the one-call path too (_admit itself never raises).
-                batch = await admitting
+                batch = await admitting.result()
             self.counters.failed_batches += 1
             log.warning(
                 "%s of %d failed; each goes one by one",

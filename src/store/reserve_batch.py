@@ -42,7 +42,6 @@ for a retry.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,6 +53,7 @@ from store.batching import (
     JOURNAL_INSERT,
     RESERVATION_INSERT,
     AdmissionCall,
+    Admitting,
     Batcher,
     Settled,
     Waiting,
@@ -357,7 +357,7 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
     async def settle(
         self,
         batch: list[_Request],
-        admitting: asyncio.Future[list[_Request]] | None,
+        admitting: Admitting[ReserveCall, ReserveOutcome] | None,
         settled: Settled[ReserveOutcome],
     ) -> None:
         requests = _first_per_key(batch)
@@ -365,9 +365,12 @@ class ReserveBatcher(Batcher[ReserveCall, ReserveOutcome]):
             copies = self.copies.take(_wallet_keys(requests), self.clock.now_us())
             if copies is None:
                 # The read runs beside the rate check; both are needed before deciding.
+                if admitting is not None:
+                    admitting.start()
                 state = await _read_snapshot(conn, requests)
                 admitted = {w.arrival for w in await self.admitted(batch, admitting)}
             else:
+                # No read to overlap: the rate check runs in this task, then the write.
                 admitted = {w.arrival for w in await self.admitted(batch, admitting)}
                 requests = await self._write_from_copies(
                     conn, [r for r in requests if r.arrival in admitted], copies, settled
